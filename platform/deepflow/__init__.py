@@ -1,0 +1,3 @@
+"""DeepFlow: a serverless platform for large-language-model work."""
+
+__version__ = "0.1.0"
