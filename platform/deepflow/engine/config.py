@@ -10,7 +10,7 @@ class EngineConfig:
     model: str
     """A Hugging Face model folder (config.json, *.safetensors, tokenizer files)."""
     dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (the model's torch_dtype on an accelerator, float32 on CPU)."""
+    """float32 | bfloat16 | float16 | auto (the model's dtype on an accelerator, float32 on CPU)."""
     device: str | None = None
     """None picks npu, then cuda, then cpu (deepflow.engine.device)."""
     block_size: int = 16
@@ -36,7 +36,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be at least 1")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:

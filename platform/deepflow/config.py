@@ -1,0 +1,74 @@
+"""Platform settings: one object read from ``DEEPFLOW_*`` environment variables.
+
+Everything has an embedded default under ``DEEPFLOW_HOME`` (``~/.deepflow``), so one machine
+runs the whole platform with no servers installed: SQLite for the store and kombu's
+``filesystem://`` transport for the broker. Production points the same variables at
+PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+
+
+def normalize_database_url(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg 3 (SQLAlchemy's bare ``postgresql://`` means psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    broker_url: str
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    prefect_api_url: str | None = None
+    lease_ttl_s: float = 30.0
+    """A running task's lease lasts this long past its last heartbeat."""
+    reconcile_interval_s: float = 5.0
+    """How often the reconciler looks for expired leases."""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = Path(os.environ.get("DEEPFLOW_HOME") or Path.home() / ".deepflow").expanduser()
+        database_url = (
+            os.environ.get("DEEPFLOW_DATABASE_URL") or f"sqlite:///{home / 'deepflow.db'}"
+        )
+        broker_url = os.environ.get("DEEPFLOW_BROKER_URL") or "filesystem://"
+        port_raw = os.environ.get("DEEPFLOW_API_PORT", "8000")
+        if not port_raw.isdigit():
+            raise ValueError(f"DEEPFLOW_API_PORT must be a port number, not {port_raw!r}")
+        return cls(
+            home=home,
+            database_url=normalize_database_url(database_url),
+            broker_url=broker_url,
+            api_host=os.environ.get("DEEPFLOW_API_HOST", "127.0.0.1"),
+            api_port=int(port_raw),
+            prefect_api_url=os.environ.get("DEEPFLOW_PREFECT_API_URL") or None,
+            lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
+            reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
+        )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home

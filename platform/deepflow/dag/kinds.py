@@ -1,0 +1,210 @@
+"""Job kinds and how each decomposes into a task DAG.
+
+``dag`` takes the user's tasks as declared. ``serve``, ``finetune`` and ``batch`` take a
+small spec and generate their DAG's shape here; their operators are declared by name and
+implemented by the serving, fine-tuning and batch modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deepflow.dag import operators
+from deepflow.dag.errors import DagError, format_loc
+from deepflow.dag.graph import Dag
+from deepflow.dag.spec import DagJobSpec, ResourceClass, TaskSpec
+from deepflow.dag.trigger_rules import TriggerRule
+
+
+class ServeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    replicas: int = Field(default=1, ge=1, le=64)
+    resource_class: ResourceClass = ResourceClass.CPU
+    policy: Literal["colocated", "disaggregated", "semi_pd"] = "colocated"
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    learning_rate_multiplier: float = Field(default=1.0, gt=0.0, le=100.0)
+
+
+class FinetuneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: str | None = Field(default=None, max_length=64)
+    resource_class: ResourceClass = ResourceClass.CPU
+
+
+class BatchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    input_file: str = Field(min_length=1)
+    num_shards: int = Field(default=1, ge=1, le=256)
+    resource_class: ResourceClass = ResourceClass.CPU
+
+
+def _dag_tasks(spec: DagJobSpec) -> list[TaskSpec]:
+    return list(spec.tasks)
+
+
+def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
+    common = {"model": spec.model, "policy": spec.policy}
+    tasks = [TaskSpec(name="prepare_weights", operator="serve.prepare_weights", args=common)]
+    for i in range(spec.replicas):
+        tasks.append(
+            TaskSpec(
+                name=f"launch_replica_{i}",
+                operator="serve.launch_replica",
+                args={**common, "replica": i},
+                depends_on=["prepare_weights"],
+                resource_class=spec.resource_class,
+                retries=2,
+            )
+        )
+        tasks.append(
+            TaskSpec(
+                name=f"health_check_{i}",
+                operator="serve.health_check",
+                args={"replica": i},
+                depends_on=[f"launch_replica_{i}"],
+                retries=3,
+            )
+        )
+    tasks.append(
+        TaskSpec(
+            name="register_instances",
+            operator="serve.register_instances",
+            args=common,
+            depends_on=[f"health_check_{i}" for i in range(spec.replicas)],
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        )
+    )
+    return tasks
+
+
+def _finetune_tasks(spec: FinetuneSpec) -> list[TaskSpec]:
+    args = spec.model_dump(mode="json", exclude={"resource_class"})
+    return [
+        TaskSpec(name="validate_data", operator="finetune.validate_data", args=args),
+        TaskSpec(
+            name="train",
+            operator="finetune.train",
+            args=args,
+            depends_on=["validate_data"],
+            resource_class=spec.resource_class,
+            timeout_s=24 * 3600.0,
+        ),
+        TaskSpec(
+            name="evaluate",
+            operator="finetune.evaluate",
+            args=args,
+            depends_on=["train"],
+            resource_class=spec.resource_class,
+        ),
+        TaskSpec(
+            name="register_model",
+            operator="finetune.register_model",
+            args=args,
+            depends_on=["evaluate"],
+        ),
+    ]
+
+
+def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
+    args = {"model": spec.model, "input_file": spec.input_file, "num_shards": spec.num_shards}
+    shards = [
+        TaskSpec(
+            name=f"run_shard_{i}",
+            operator="batch.run_shard",
+            args={**args, "shard": i},
+            depends_on=["split_input"],
+            resource_class=spec.resource_class,
+            retries=2,
+        )
+        for i in range(spec.num_shards)
+    ]
+    return [
+        TaskSpec(name="split_input", operator="batch.split_input", args=args),
+        *shards,
+        TaskSpec(
+            name="merge_results",
+            operator="batch.merge_results",
+            args=args,
+            depends_on=[s.name for s in shards],
+        ),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class JobKind:
+    name: str
+    spec_model: type[BaseModel]
+    tasks: Callable[[Any], list[TaskSpec]]
+
+
+KINDS: dict[str, JobKind] = {
+    k.name: k
+    for k in (
+        JobKind("dag", DagJobSpec, _dag_tasks),
+        JobKind("serve", ServeSpec, _serve_tasks),
+        JobKind("finetune", FinetuneSpec, _finetune_tasks),
+        JobKind("batch", BatchSpec, _batch_tasks),
+    )
+}
+
+for _name, _what in [
+    ("serve.prepare_weights", "Loads a model's weights into the host weight cache."),
+    ("serve.launch_replica", "Starts one FlowServe engine daemon."),
+    ("serve.health_check", "Waits until a replica answers its health check."),
+    ("serve.register_instances", "Records healthy replicas as instances."),
+    ("finetune.validate_data", "Checks the training file."),
+    ("finetune.train", "Runs the fine-tuning loop."),
+    ("finetune.evaluate", "Scores the trained weights."),
+    ("finetune.register_model", "Registers the weights as a new model version."),
+    ("batch.split_input", "Splits the input file into shards."),
+    ("batch.run_shard", "Runs one shard's prompts through an engine."),
+    ("batch.merge_results", "Joins shard outputs into one result file."),
+]:
+    operators.declare(_name, _what)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A job kind's spec, validated, with its tasks and their DAG."""
+
+    spec: dict[str, Any]
+    tasks: list[TaskSpec]
+    dag: Dag
+
+
+def plan(kind: str, spec: Any) -> Plan:
+    """Validate ``spec`` for ``kind`` and decompose it; raises DagError naming the problem."""
+    job_kind = KINDS.get(kind)
+    if job_kind is None:
+        raise DagError(
+            f"unknown job kind {kind!r} (known: {', '.join(KINDS)})", "kind", "unknown_kind"
+        )
+    if not isinstance(spec, dict):
+        raise DagError("spec must be a JSON object", "spec", "invalid_spec")
+    try:
+        parsed = job_kind.spec_model.model_validate(spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = format_loc(("spec", *err["loc"]))
+        raise DagError(f"{where}: {err['msg']}", where, "invalid_spec") from None
+    tasks = job_kind.tasks(parsed)
+    return Plan(parsed.model_dump(mode="json"), tasks, Dag.from_specs(tasks))

@@ -1,0 +1,109 @@
+"""The store: SQLAlchemy models and the functions that read and change them.
+
+Callers open a transaction (``Database.transaction()``) and call these functions with its
+session; the functions flush but never commit. State changes go only through
+``set_*_state`` (and the task-attempt functions built on it), each writing its Event.
+"""
+
+from deepflow.store.db import Database, get_database
+from deepflow.store.errors import Conflict, NotFound
+from deepflow.store.instances import (
+    create_instance,
+    list_instances,
+    report_instance_load,
+    stale_instances,
+)
+from deepflow.store.jobs import (
+    JobPage,
+    advance_job,
+    cancel_job,
+    create_job,
+    job_dag,
+    list_jobs,
+    read_job,
+    read_job_events,
+)
+from deepflow.store.leases import Reconciler, expire_leases
+from deepflow.store.model_registry import list_models, read_model, register_model_version
+from deepflow.store.orm import (
+    ApiKey,
+    Base,
+    Event,
+    Instance,
+    InstanceState,
+    Job,
+    Model,
+    ModelVersion,
+    ModelVersionState,
+    Request,
+    Task,
+    TaskEdge,
+    Tenant,
+)
+from deepflow.store.tasks import (
+    LeaseLost,
+    claim_task,
+    fail_task,
+    heartbeat_task,
+    queue_task,
+    succeed_task,
+)
+from deepflow.store.tenants import authenticate, create_api_key, ensure_tenant
+from deepflow.store.transitions import (
+    IllegalTransition,
+    set_instance_state,
+    set_job_state,
+    set_model_version_state,
+    set_task_state,
+)
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Conflict",
+    "Database",
+    "Event",
+    "IllegalTransition",
+    "Instance",
+    "InstanceState",
+    "Job",
+    "JobPage",
+    "LeaseLost",
+    "Model",
+    "ModelVersion",
+    "ModelVersionState",
+    "NotFound",
+    "Reconciler",
+    "Request",
+    "Task",
+    "TaskEdge",
+    "Tenant",
+    "advance_job",
+    "authenticate",
+    "cancel_job",
+    "claim_task",
+    "create_api_key",
+    "create_instance",
+    "create_job",
+    "ensure_tenant",
+    "expire_leases",
+    "fail_task",
+    "get_database",
+    "heartbeat_task",
+    "job_dag",
+    "list_instances",
+    "list_jobs",
+    "list_models",
+    "queue_task",
+    "read_job",
+    "read_job_events",
+    "read_model",
+    "register_model_version",
+    "report_instance_load",
+    "set_instance_state",
+    "set_job_state",
+    "set_model_version_state",
+    "set_task_state",
+    "stale_instances",
+    "succeed_task",
+]

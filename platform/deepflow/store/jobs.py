@@ -1,0 +1,251 @@
+"""Jobs: creation from a validated plan (idempotent), reads, cancellation and progress."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from deepflow.dag import Dag, Decision, JobState, Node, Plan, TaskState, evaluate
+from deepflow.store.errors import Conflict, NotFound
+from deepflow.store.orm import Event, Job, Request, Task, TaskEdge
+from deepflow.store.transitions import lock, record_event, set_job_state, set_task_state
+from deepflow.store.types import new_id, utcnow
+
+
+def _body_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _job_for_key(session: Session, tenant_id: str, key: str) -> tuple[Job, str] | None:
+    stmt = (
+        select(Job, Request.body_hash)
+        .join(Request, Job.request_id == Request.id)
+        .where(Request.tenant_id == tenant_id, Request.idempotency_key == key)
+    )
+    row = session.execute(stmt).first()
+    return (row[0], row[1]) if row else None
+
+
+def _replay(found: tuple[Job, str], body_hash: str, key: str) -> Job:
+    job, first_hash = found
+    if first_hash != body_hash:
+        raise Conflict(
+            f"idempotency key {key!r} was already used for a different request",
+            "idempotency_key_reused",
+        )
+    return job
+
+
+def create_job(
+    session: Session, tenant_id: str, plan: Plan, kind: str, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Persist the request, its job, tasks, edges and creation event; returns (job, created).
+
+    The same idempotency key from the same tenant returns the first job, also when two
+    requests race: the loser's insert hits the unique constraint inside a savepoint, and it
+    reads the winner's job instead.
+    """
+    body = {"kind": kind, "spec": plan.spec}
+    body_hash = _body_hash(body)
+    if idempotency_key is not None:
+        found = _job_for_key(session, tenant_id, idempotency_key)
+        if found:
+            return _replay(found, body_hash, idempotency_key), False
+    try:
+        with session.begin_nested():
+            job = _insert_job(session, tenant_id, plan, kind, body, body_hash, idempotency_key)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        found = _job_for_key(session, tenant_id, idempotency_key)
+        if found is None:
+            raise
+        return _replay(found, body_hash, idempotency_key), False
+    return job, True
+
+
+def _insert_job(
+    session: Session,
+    tenant_id: str,
+    plan: Plan,
+    kind: str,
+    body: dict[str, Any],
+    body_hash: str,
+    idempotency_key: str | None,
+) -> Job:
+    request = Request(
+        id=new_id("req"),
+        tenant_id=tenant_id,
+        kind="jobs.create",
+        body=body,
+        body_hash=body_hash,
+        idempotency_key=idempotency_key,
+    )
+    session.add(request)
+    session.flush()  # the unique key is checked here, before the larger inserts
+    job = Job(
+        id=new_id("job"), tenant_id=tenant_id, request_id=request.id, kind=kind, spec=plan.spec
+    )
+    ids = {spec.name: new_id("task") for spec in plan.tasks}
+    job.tasks = [
+        Task(
+            id=ids[spec.name],
+            tenant_id=tenant_id,
+            position=i,
+            **spec.model_dump(exclude={"depends_on"}),
+        )
+        for i, spec in enumerate(plan.tasks)
+    ]
+    job.edges = [
+        TaskEdge(upstream_id=ids[up], downstream_id=ids[node.name])
+        for node in plan.dag.tasks.values()
+        for up in node.upstream
+    ]
+    session.add(job)
+    record_event(
+        session,
+        tenant_id=tenant_id,
+        entity_type="job",
+        entity_id=job.id,
+        job_id=job.id,
+        to_state=JobState.PENDING,
+        rule="CreateJob",
+        data={"kind": kind, "tasks": len(plan.tasks), "request_id": request.id},
+    )
+    session.flush()
+    return job
+
+
+def read_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    stmt = (
+        select(Job)
+        .where(Job.id == job_id, Job.tenant_id == tenant_id)
+        .options(selectinload(Job.tasks), selectinload(Job.edges))
+    )
+    job = session.execute(stmt).scalar_one_or_none()
+    if job is None:
+        raise NotFound("job", job_id)
+    return job
+
+
+@dataclass(slots=True)
+class JobPage:
+    jobs: list[Job]
+    has_more: bool
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    state: JobState | None = None,
+    kind: str | None = None,
+    limit: int = 20,
+    after: str | None = None,
+) -> JobPage:
+    """Newest first; ``after`` is the last id of the previous page (OpenAI's cursor)."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    if kind is not None:
+        stmt = stmt.where(Job.kind == kind)
+    if after is not None:
+        cursor = session.execute(
+            select(Job.created_at, Job.id).where(Job.id == after, Job.tenant_id == tenant_id)
+        ).first()
+        if cursor is None:
+            raise NotFound("job", after)
+        stmt = stmt.where(
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
+        )
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list(session.execute(stmt).scalars())
+    return JobPage(jobs[:limit], len(jobs) > limit)
+
+
+def read_job_events(
+    session: Session, tenant_id: str, job_id: str, *, after: int | None = None, limit: int = 1000
+) -> list[Event]:
+    """A job's events in the order they happened (its own and its tasks')."""
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound("job", job_id)
+    stmt = select(Event).where(Event.job_id == job_id, Event.tenant_id == tenant_id)
+    if after is not None:
+        stmt = stmt.where(Event.id > after)
+    return list(session.execute(stmt.order_by(Event.id).limit(limit)).scalars())
+
+
+def cancel_job(
+    session: Session, tenant_id: str, job_id: str, reason: str = "cancelled by user"
+) -> Job:
+    """Cancel the job and every task not yet terminal. Finished jobs cannot be cancelled."""
+    job = session.execute(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
+    ).scalar_one_or_none()
+    if job is None:
+        raise NotFound("job", job_id)
+    if job.state.is_terminal:
+        raise Conflict(
+            f"job {job_id} already {job.state}; it cannot be cancelled", "job_not_cancellable"
+        )
+    for task in session.execute(select(Task).where(Task.job_id == job_id)).scalars():
+        if not task.state.is_terminal:
+            set_task_state(session, task.id, TaskState.CANCELLED, reason=reason)
+    return set_job_state(session, job_id, JobState.CANCELLED, reason=reason)
+
+
+def job_dag(session: Session, job_id: str) -> tuple[Dag, list[Task]]:
+    """The job's DAG as stored, with its tasks in declaration order."""
+    tasks = list(
+        session.execute(select(Task).where(Task.job_id == job_id).order_by(Task.position)).scalars()
+    )
+    names = {t.id: t.name for t in tasks}
+    upstream: dict[str, list[str]] = {t.id: [] for t in tasks}
+    for edge in session.execute(select(TaskEdge).where(TaskEdge.job_id == job_id)).scalars():
+        upstream[edge.downstream_id].append(names[edge.upstream_id])
+    nodes = [Node(t.name, tuple(upstream[t.id]), t.trigger_rule, t.priority) for t in tasks]
+    return Dag.from_nodes(nodes), tasks
+
+
+def advance_job(session: Session, job_id: str, now: datetime | None = None) -> Decision:
+    """Apply the ready-set function to a job: write skips, upstream failures and the job's
+    final state; return the decision (its ``ready`` tasks are for the orchestrator to queue)."""
+    job = lock(session, Job, job_id)
+    if job.state.is_terminal:
+        return Decision()
+    dag, tasks = job_dag(session, job_id)
+    by_name = {t.name: t for t in tasks}
+    decision = evaluate(
+        dag,
+        {t.name: t.state for t in tasks},
+        now=now or utcnow(),
+        retry_at={t.name: t.next_attempt_at for t in tasks},
+    )
+    for name in decision.skipped:
+        set_task_state(session, by_name[name].id, TaskState.SKIPPED, reason="trigger rule")
+    for name in decision.upstream_failed:
+        set_task_state(
+            session, by_name[name].id, TaskState.UPSTREAM_FAILED, reason="upstream failed"
+        )
+    if decision.job_state is JobState.SUCCEEDED:
+        job.result = {"outputs": {leaf: by_name[leaf].output for leaf in dag.leaves}}
+        if job.state is not JobState.RUNNING:
+            set_job_state(session, job_id, JobState.RUNNING)
+        set_job_state(session, job_id, JobState.SUCCEEDED)
+    elif decision.job_state is JobState.FAILED:
+        failed = [t.name for t in tasks if t.state is TaskState.FAILED]
+        set_job_state(session, job_id, JobState.FAILED, reason=f"failed tasks: {', '.join(failed)}")
+    return decision

@@ -1,0 +1,70 @@
+"""Registered models and their versions (sets of weights by URI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from deepflow.store.errors import NotFound
+from deepflow.store.orm import Model, ModelVersion, ModelVersionState
+from deepflow.store.transitions import record_event
+from deepflow.store.types import new_id
+
+
+def register_model_version(
+    session: Session, tenant_id: str, name: str, uri: str, details: dict[str, Any] | None = None
+) -> ModelVersion:
+    """Add the next version of model ``name`` (created on first use), state registering."""
+    model = session.execute(
+        select(Model).where(Model.tenant_id == tenant_id, Model.name == name).with_for_update()
+    ).scalar_one_or_none()
+    if model is None:
+        model = Model(id=new_id("model"), tenant_id=tenant_id, name=name)
+        session.add(model)
+        session.flush()
+    last = session.execute(
+        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)
+    ).scalar()
+    version = ModelVersion(
+        id=new_id("mv"),
+        model_id=model.id,
+        tenant_id=tenant_id,
+        version=(last or 0) + 1,
+        uri=uri,
+        details=details or {},
+    )
+    session.add(version)
+    record_event(
+        session,
+        tenant_id=tenant_id,
+        entity_type="model_version",
+        entity_id=version.id,
+        to_state=ModelVersionState.REGISTERING,
+        rule="RegisterVersion",
+        data={"model": name, "version": version.version, "uri": uri},
+    )
+    session.flush()
+    return version
+
+
+def read_model(session: Session, tenant_id: str, name: str) -> Model:
+    model = session.execute(
+        select(Model)
+        .where(Model.tenant_id == tenant_id, Model.name == name)
+        .options(selectinload(Model.versions))
+    ).scalar_one_or_none()
+    if model is None:
+        raise NotFound("model", name)
+    return model
+
+
+def list_models(session: Session, tenant_id: str) -> list[Model]:
+    stmt = (
+        select(Model)
+        .where(Model.tenant_id == tenant_id)
+        .options(selectinload(Model.versions))
+        .order_by(Model.name)
+    )
+    return list(session.execute(stmt).scalars())

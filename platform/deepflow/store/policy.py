@@ -1,0 +1,109 @@
+"""Every legal state change, as a named rule, in one ordered policy per entity.
+
+A change that no rule allows is rejected by ``transitions.set_*_state``; the rule that
+allowed a change is recorded on its event. Deciding *which* change to make (retry or fail,
+skip or run) belongs to the callers; this module only says what may follow what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from deepflow.dag.states import JobState, TaskState
+from deepflow.store.orm import InstanceState, ModelVersionState
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    from_states: frozenset[StrEnum]
+    to_state: StrEnum
+    why: str
+
+
+def _rule(name: str, sources: set[StrEnum], target: StrEnum, why: str) -> Rule:
+    return Rule(name, frozenset(sources), target, why)
+
+
+J, T, I, M = JobState, TaskState, InstanceState, ModelVersionState  # noqa: E741
+
+JOB_POLICY: tuple[Rule, ...] = (
+    _rule("QueueJob", {J.PENDING}, J.QUEUED, "The orchestrator created the job's flow run."),
+    _rule("StartJob", {J.PENDING, J.QUEUED}, J.RUNNING, "A worker claimed the job's first task."),
+    _rule("SucceedJob", {J.RUNNING}, J.SUCCEEDED, "Every task is terminal, no leaf failed."),
+    _rule(
+        "FailJob",
+        {J.PENDING, J.QUEUED, J.RUNNING},
+        J.FAILED,
+        "A leaf task failed, or the job could not be orchestrated at all.",
+    ),
+    _rule("CancelJob", {J.PENDING, J.QUEUED, J.RUNNING}, J.CANCELLED, "A user cancelled it."),
+)
+
+TASK_POLICY: tuple[Rule, ...] = (
+    _rule(
+        "QueueTask",
+        {T.PENDING, T.UP_FOR_RETRY},
+        T.QUEUED,
+        "Its trigger rule fired (or its retry backoff passed); a new attempt is sent to a queue.",
+    ),
+    _rule("ClaimTask", {T.QUEUED}, T.RUNNING, "A worker took the attempt and holds its lease."),
+    _rule("SucceedTask", {T.RUNNING}, T.SUCCEEDED, "The lease holder reported success."),
+    _rule(
+        "RetryTask",
+        {T.RUNNING},
+        T.UP_FOR_RETRY,
+        "The attempt failed, timed out or lost its lease, and attempts remain.",
+    ),
+    _rule(
+        "FailTask",
+        {T.RUNNING},
+        T.FAILED,
+        "The last attempt failed, timed out or lost its lease.",
+    ),
+    _rule("SkipTask", {T.PENDING}, T.SKIPPED, "Its trigger rule can only be met by skipping."),
+    _rule(
+        "MarkUpstreamFailed",
+        {T.PENDING},
+        T.UPSTREAM_FAILED,
+        "Upstream failures mean its trigger rule can never fire.",
+    ),
+    _rule(
+        "CancelTask",
+        {T.PENDING, T.QUEUED, T.RUNNING, T.UP_FOR_RETRY},
+        T.CANCELLED,
+        "Its job was cancelled.",
+    ),
+)
+
+INSTANCE_POLICY: tuple[Rule, ...] = (
+    _rule("MarkInstanceReady", {I.STARTING}, I.READY, "It passed its health check."),
+    _rule("DrainInstance", {I.READY}, I.DRAINING, "Scaling in: finish what runs, admit nothing."),
+    _rule(
+        "StopInstance",
+        {I.STARTING, I.READY, I.DRAINING},
+        I.STOPPED,
+        "It exited on request.",
+    ),
+    _rule(
+        "FailInstance",
+        {I.STARTING, I.READY, I.DRAINING},
+        I.FAILED,
+        "It died or missed its heartbeats.",
+    ),
+)
+
+MODEL_VERSION_POLICY: tuple[Rule, ...] = (
+    _rule("PublishVersion", {M.REGISTERING}, M.READY, "Its weights are complete and checked."),
+    _rule("FailVersion", {M.REGISTERING}, M.FAILED, "Its weights could not be produced."),
+    _rule("ArchiveVersion", {M.READY}, M.ARCHIVED, "Retired; no new instance may use it."),
+)
+
+
+def find_rule(policy: tuple[Rule, ...], current: StrEnum, target: StrEnum) -> Rule | None:
+    """The first rule of ``policy`` that allows ``current -> target``."""
+    for rule in policy:
+        if rule.to_state == target and current in rule.from_states:
+            return rule
+    return None
