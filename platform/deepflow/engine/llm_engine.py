@@ -1,0 +1,310 @@
+"""The engine loop: admit requests, then step (schedule, run, sample, collect) until done."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from deepflow.engine.config import EngineConfig
+from deepflow.engine.detokenizer import IncrementalDetokenizer
+from deepflow.engine.sampler import Logprob, Sampler, SamplerOutput
+from deepflow.engine.sampling_params import SamplingParams
+from deepflow.engine.scheduler import Scheduler
+from deepflow.engine.sequence import Sequence, SequenceGroup
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    """All text so far (while streaming, less a possible stop string's beginning)."""
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    """'stop' | 'length' | 'abort' once finished."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended it (None for EOS)."""
+    delta_text: str = ""
+    """Text new since the previous output of this request: what a stream sends."""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finished_time: float | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What the serving layer exports: queue sizes, cache use and token counters."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_kv_blocks: int
+    prompt_tokens: int
+    generation_tokens: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, model_runner: Any = None, tokenizer: Any = None
+    ) -> None:
+        """``model_runner`` and ``tokenizer`` default to the ones built from ``config.model``."""
+        if model_runner is None:
+            from deepflow.engine.model_runner import ModelRunner
+
+            model_runner = ModelRunner(config)
+        if tokenizer is None:
+            from deepflow.engine.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_folder(config.model)
+        self.config = config
+        self.model_runner = model_runner
+        self.tokenizer = tokenizer
+        block_size, num_blocks = model_runner.block_size, model_runner.num_blocks
+        # One sequence may never need more blocks than exist, or preemption could not help it.
+        self.max_model_len = min(model_runner.max_model_len, num_blocks * block_size)
+        self.vocab_size = model_runner.model_config.vocab_size
+        self.eos_token_ids = list(tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(config, num_blocks, block_size)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    @classmethod
+    def from_model(cls, model_dir: str, **kwargs: Any) -> LLMEngine:
+        """EngineConfig fields as keyword arguments (plus model_runner= and tokenizer=)."""
+        runner, tokenizer = kwargs.pop("model_runner", None), kwargs.pop("tokenizer", None)
+        unknown = set(kwargs) - {f.name for f in fields(EngineConfig)}
+        if unknown:
+            raise TypeError(f"unknown engine options: {sorted(unknown)}")
+        return cls(EngineConfig(model=model_dir, **kwargs), runner, tokenizer)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; lower ``priority`` runs earlier, ties in arrival order. Raises
+        ValueError, before any state changes, for a request that could never run."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} already exists")
+        self.admit(self.make_request(request_id, prompt, params, priority))
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> SequenceGroup:
+        """Tokenise and validate without touching the engine (AsyncLLMEngine calls it from the
+        event loop, so that errors reach the caller)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
+        self._check_fits(ids, params)
+        return SequenceGroup(request_id, text, ids, params, priority, time.time())
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}, "
+                "with room for at least one generated token"
+            )
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}) and chunked prefill is off"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids or []):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
+
+    def admit(self, group: SequenceGroup) -> None:
+        if group.request_id in self.requests:
+            raise ValueError(f"request {group.request_id!r} already exists")
+        seq = Sequence(
+            next(self._seq_ids), group.request_id, group.prompt_token_ids, group.params,
+            group.priority, next(self._arrivals),
+        )
+        self._attach_detokenizer(seq)
+        group.seqs.append(seq)
+        self.requests[group.request_id] = group
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; its final output, if it existed."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        group.finished_time = time.time()
+        return self._output(group, {})
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.scheduler.block_manager
+        return EngineStats(
+            len(s.running), len(s.waiting), bm.usage, bm.num_blocks, self.prompt_tokens,
+            self.generation_tokens, s.prefix_cache_queried_tokens, s.prefix_cache_hit_tokens,
+            s.num_preemptions,
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; outputs of the requests that got tokens in it."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        sampling = [c.seq for c in batch.chunks if c.needs_logits]
+        logits = self.model_runner.execute(batch)
+        self.scheduler.update(batch)
+        seqs, rows = self._fork_samples(sampling)
+        sampled = self.sampler(logits[rows], seqs, self.eos_token_ids)
+        return self._postprocess(seqs, sampled)
+
+    def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The logits row of each sequence to sample; a prompt just prefilled for ``n`` samples
+        forks into n sequences on its blocks, all sampling from its row."""
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(sampling):
+            group = [seq]
+            if seq.index == 0 and seq.num_output_tokens == 0 and seq.params.n > 1:
+                for index in range(1, seq.params.n):
+                    child = seq.fork(next(self._seq_ids), index)
+                    self._attach_detokenizer(child)
+                    self.scheduler.fork(seq, child)
+                    self.requests[seq.request_id].seqs.append(child)
+                    group.append(child)
+            seqs += group
+            rows += [row] * len(group)
+        return seqs, rows
+
+    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        now = time.time()
+        deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
+        for i, seq in enumerate(seqs):
+            token = sampled.token_ids[i]
+            seq.append_token(token)
+            seq.cumulative_logprob += sampled.logprobs[i]
+            top = sampled.top_logprobs[i]
+            if seq.logprobs is not None and top is not None:
+                for tid, lp in top.items():
+                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+                seq.logprobs.append(top)
+            text = self._detokenize_and_check(seq, token)
+            group = self.requests[seq.request_id]
+            if group.first_token_time is None:
+                group.first_token_time = now
+                self.prompt_tokens += len(group.prompt_token_ids)
+            self.generation_tokens += 1
+            deltas.setdefault(seq.request_id, {})[seq.index] = (text, [token])
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+        outputs = []
+        for request_id, group_deltas in deltas.items():
+            group = self.requests[request_id]
+            if group.is_finished:
+                group.finished_time = now
+                del self.requests[request_id]
+            outputs.append(self._output(group, group_deltas))
+        return outputs
+
+    def _detokenize_and_check(self, seq: Sequence, token: int) -> str:
+        """Set finish_reason when the new token ends the sequence; return its text delta."""
+        params, detok = seq.params, seq.detokenizer
+        assert detok is not None
+        if token in params.stop_token_ids or (
+            token in self.eos_token_ids and not params.ignore_eos
+        ):
+            seq.finish_reason = "stop"
+            seq.stop_reason = token if token in params.stop_token_ids else None
+        if seq.finish_reason is None or params.include_stop_str_in_output:
+            new = detok.add_token(token)
+            if seq.finish_reason is None and seq.num_output_tokens >= params.min_tokens:
+                stop = detok.find_stop(len(new))
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+        if seq.finish_reason is None and (
+            seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
+            detok.flush()
+        return detok.take_delta(seq.finish_reason is not None)
+
+    def _attach_detokenizer(self, seq: Sequence) -> None:
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, seq.params)
+
+    def _output(
+        self, group: SequenceGroup, deltas: dict[int, tuple[str, list[int]]]
+    ) -> RequestOutput:
+        outputs = []
+        for seq in group.seqs:
+            assert seq.detokenizer is not None
+            delta_text, delta_ids = deltas.get(seq.index, ("", []))
+            outputs.append(
+                CompletionOutput(
+                    seq.index, seq.detokenizer.emitted_text, seq.output_token_ids,
+                    seq.cumulative_logprob,
+                    None if seq.logprobs is None else list(seq.logprobs),
+                    seq.finish_reason, seq.stop_reason,
+                    delta_text, delta_ids,
+                )
+            )
+        metrics = RequestMetrics(group.arrival_time, group.first_token_time, group.finished_time)
+        return RequestOutput(
+            group.request_id, group.prompt, group.prompt_token_ids, outputs,
+            group.is_finished, metrics,
+        )

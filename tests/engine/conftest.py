@@ -1,0 +1,145 @@
+"""Shared fixtures for tests/engine (model side and scheduling side each add their own)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from deepflow.engine.block_manager import BlockManager
+from deepflow.engine.config import EngineConfig
+from deepflow.engine.llm_engine import LLMEngine
+
+# ---- scheduling side: a byte-level fake tokenizer and a fake runner with a checked KV cache ----
+FAKE_EOS = 256
+FAKE_VOCAB = 300
+# Multi-byte tokens after the 256 byte tokens and EOS: words, and characters split over bytes.
+_FAKE_PIECES = [b"hello", b" world", b"ab", b"cd", "é".encode(), "€".encode(), b"\xe2\x82", b"\xac"]
+
+
+class FakeTokenizer:
+    """Byte-level like GPT-2's: token i < 256 is byte i, so a character can span tokens."""
+
+    def __init__(self) -> None:
+        self.eos_token_ids = [FAKE_EOS]
+        self.bos_token_id = None
+        self.vocab_size = FAKE_VOCAB
+
+    def piece(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        if token_id < 256:
+            return bytes([token_id])
+        if token_id == FAKE_EOS:
+            return b"" if skip_special_tokens else b"<eos>"
+        index = token_id - FAKE_EOS - 1
+        return _FAKE_PIECES[index] if index < len(_FAKE_PIECES) else b""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        data, ids = text.encode(), []
+        while data:
+            for i, piece in enumerate(_FAKE_PIECES[:6]):
+                if data.startswith(piece):
+                    ids.append(FAKE_EOS + 1 + i)
+                    data = data[len(piece) :]
+                    break
+            else:
+                ids.append(data[0])
+                data = data[1:]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        data = b"".join(self.piece(i, skip_special_tokens) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def token(self, piece: str | bytes) -> int:
+        piece = piece.encode() if isinstance(piece, str) else piece
+        return FAKE_EOS + 1 + _FAKE_PIECES.index(piece)
+
+
+class FakeRunner:
+    """Stands in for ModelRunner: keeps (position, token) per KV slot and, before giving logits,
+    checks that the cache seen through the block table holds exactly the sequence's tokens.
+    Logits: seeded noise plus a bump on ``favour(context)``, so greedy decoding is predictable."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 512) -> None:
+        self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
+        self.model_config = SimpleNamespace(vocab_size=FAKE_VOCAB)
+        self.kv: list[list[tuple[int, int] | None]] = [[None] * block_size] * num_blocks
+        self.kv = [list(block) for block in self.kv]
+        self.block_manager: BlockManager | None = None
+        self.steps: list[list[tuple[int, int, int]]] = []
+        """Per step: (seq_id, start, num_tokens) of each chunk."""
+        self.copies: list[tuple[int, int]] = []
+        self.favour = lambda ids: 97 + (sum(ids) * 7 + len(ids)) % 26  # a..z
+
+    def logits_for(self, ids: list[int]) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(hash(tuple(ids)) & 0x7FFFFFFF)
+        row = torch.randn(FAKE_VOCAB, generator=gen)
+        row[self.favour(ids)] += 8.0
+        return row
+
+    def execute(self, batch) -> torch.Tensor:
+        bs = self.block_size
+        for src, dst in batch.block_copies:
+            self.kv[dst] = list(self.kv[src])
+            self.copies.append((src, dst))
+        self.steps.append([(c.seq.seq_id, c.start, c.num_tokens) for c in batch.chunks])
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            for p in range(chunk.start, chunk.start + chunk.num_tokens):
+                block = seq.block_table[p // bs]
+                if self.block_manager is not None:
+                    assert self.block_manager.ref_count(block) == 1, "write into a shared block"
+                self.kv[block][p % bs] = (p, seq.token_ids[p])
+        rows = []
+        for chunk in batch.chunks:
+            if chunk.needs_logits:
+                seq, end = chunk.seq, chunk.start + chunk.num_tokens
+                seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
+                assert seen == list(enumerate(seq.token_ids[:end])), "KV cache corrupted"
+                rows.append(self.logits_for(seq.token_ids[:end]))
+        return torch.stack(rows) if rows else torch.empty(0, FAKE_VOCAB)
+
+
+def assert_blocks_ok(engine: LLMEngine) -> None:
+    """Exact accounting: refcounts match the live block tables; with nothing live, every block
+    is free or cached-free and none leaked."""
+    scheduler = engine.scheduler
+    live = scheduler.running + scheduler.waiting
+    bm = scheduler.block_manager
+    bm.check(live)
+    if not engine.has_unfinished_requests():
+        assert not live
+        assert bm.num_used_blocks == 0
+        assert bm.num_free_blocks + bm.num_cached_free == bm.num_blocks
+
+
+@pytest.fixture
+def fake_tokenizer() -> FakeTokenizer:
+    return FakeTokenizer()
+
+
+@pytest.fixture
+def make_fake_engine():
+    """make_fake_engine(num_blocks=64, block_size=4, max_model_len=512, **EngineConfig fields)
+    -> an LLMEngine on FakeRunner/FakeTokenizer; block accounting is checked at teardown."""
+    engines: list[LLMEngine] = []
+
+    def make(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 512, **kwargs):
+        runner = FakeRunner(num_blocks, block_size, max_model_len)
+        config = EngineConfig(
+            model="fake", block_size=block_size, num_kv_blocks=num_blocks, **kwargs
+        )
+        engine = LLMEngine(config, model_runner=runner, tokenizer=FakeTokenizer())
+        runner.block_manager = engine.scheduler.block_manager
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert_blocks_ok(engine)
+
+
+@pytest.fixture
+def check_blocks():
+    """check_blocks(engine): the exact block accounting assertion, for use mid-test."""
+    return assert_blocks_ok
