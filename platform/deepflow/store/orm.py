@@ -61,7 +61,7 @@ def _enum(cls: type[StrEnum], name: str) -> Enum:
         cls,
         name=name,
         native_enum=False,
-        length=20,
+        length=40,
         values_callable=lambda e: [m.value for m in e],
         validate_strings=True,
     )

@@ -1,0 +1,33 @@
+"""The platform's FastAPI application."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from deepflow import __version__
+from deepflow.api import errors, jobs
+from deepflow.config import Settings
+from deepflow.store import Database, get_database
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    app = FastAPI(
+        title="DeepFlow",
+        version=__version__,
+        description="Serverless LLM platform: jobs as task DAGs, OpenAI-compatible serving.",
+    )
+    app.state.settings = settings
+    app.state.db = db or get_database(settings.database_url)
+    errors.install(app)
+    app.include_router(jobs.router)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        """Answers once the database does."""
+        with app.state.db.transaction() as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    return app

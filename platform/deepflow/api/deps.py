@@ -1,0 +1,39 @@
+"""Request dependencies: the database and the caller's tenant (from its Bearer key)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from deepflow.api.errors import APIError
+from deepflow.store import Database, Tenant, authenticate
+
+
+def database(request: Request) -> Database:
+    return request.app.state.db  # type: ignore[no-any-return]
+
+
+def current_tenant(request: Request, db: Annotated[Database, Depends(database)]) -> Tenant:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if not header:
+        raise APIError(
+            401,
+            "You didn't provide an API key: send it as 'Authorization: Bearer <key>'. "
+            "'deepflow keys create --tenant NAME' makes one.",
+            code="missing_api_key",
+        )
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(
+            401, "The Authorization header must be 'Bearer <key>'.", code="invalid_api_key"
+        )
+    with db.transaction() as session:
+        tenant = authenticate(session, key.strip())
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return tenant
+
+
+DB = Annotated[Database, Depends(database)]
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

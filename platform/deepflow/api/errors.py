@@ -1,0 +1,95 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every failure the API returns goes through here, so clients (the official ``openai``
+package included) see the shape and status they expect: 400 for a bad request, 401 for a
+missing or wrong key, 404 for what does not exist (or belongs to another tenant), 409 for a
+conflict with the current state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deepflow.dag import DagError
+from deepflow.dag.errors import format_loc
+from deepflow.store import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    err = exc.errors()[0]
+    loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    if err.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
+    if not loc and err.get("loc", ())[:1] == ("body",):
+        return "the request body must be a JSON object (Content-Type: application/json)", None, (
+            "invalid_json"
+        )
+    param = format_loc(loc) if loc else None
+    where = f"{param}: " if param else ""
+    if err.get("type") == "extra_forbidden":
+        return f"{where}unknown field", param, "unknown_field"
+    if err.get("type") == "missing":
+        return f"{where}required field is missing", param, "missing_field"
+    return f"{where}{err.get('msg')}", param, "invalid_value"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        return error_response(400, message, param, code)
+
+    @app.exception_handler(DagError)
+    async def _dag(_: Request, exc: DagError) -> JSONResponse:
+        return error_response(400, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return error_response(404, str(exc), None, f"{exc.what}_not_found")
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return error_response(409, str(exc), None, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), None, code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "the server hit an internal error", None, "internal_error")

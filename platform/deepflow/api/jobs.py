@@ -1,0 +1,85 @@
+"""The jobs API: create (idempotent), list, read, cancel, and a job's events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from deepflow import dag, store
+from deepflow.api.deps import DB, CurrentTenant
+from deepflow.api.schemas import (
+    EventList,
+    EventResponse,
+    JobCreate,
+    JobList,
+    JobResponse,
+    JobSummary,
+)
+from deepflow.dag import JobState
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobResponse)
+def create_job(body: JobCreate, response: Response, tenant: CurrentTenant, db: DB) -> JobResponse:
+    """Create a job; 201 with its tasks and edges, or 200 replaying an idempotent request."""
+    plan = dag.plan(body.kind, body.spec)
+    with db.transaction() as session:
+        job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
+        job = store.read_job(session, tenant.id, job.id)
+        out = JobResponse.of(job)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return out
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    tenant: CurrentTenant,
+    db: DB,
+    state: JobState | None = None,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> JobList:
+    """Jobs newest first, filtered by state and kind; page with ``after`` = the last id."""
+    with db.transaction() as session:
+        page = store.list_jobs(session, tenant.id, state=state, kind=kind, limit=limit, after=after)
+        data = [JobSummary.of(j) for j in page.jobs]
+    return JobList(
+        data=data,
+        has_more=page.has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobResponse)
+def read_job(job_id: str, tenant: CurrentTenant, db: DB) -> JobResponse:
+    with db.transaction() as session:
+        return JobResponse.of(store.read_job(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobResponse)
+def cancel_job(job_id: str, tenant: CurrentTenant, db: DB) -> JobResponse:
+    """Cancel a job that has not finished; every unfinished task ends ``cancelled``."""
+    with db.transaction() as session:
+        store.cancel_job(session, tenant.id, job_id)
+        return JobResponse.of(store.read_job(session, tenant.id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def read_job_events(
+    job_id: str,
+    tenant: CurrentTenant,
+    db: DB,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventList:
+    """The job's audit trail in order; poll with ``after`` = the last event id seen."""
+    with db.transaction() as session:
+        events = store.read_job_events(session, tenant.id, job_id, after=after, limit=limit + 1)
+        data = [EventResponse.of(e) for e in events[:limit]]
+    return EventList(data=data, has_more=len(events) > limit)

@@ -1,0 +1,165 @@
+"""Request and response bodies of the jobs API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deepflow.dag import JobState, ResourceClass, TaskState, TriggerRule
+from deepflow.store import Event, Job, Task
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(min_length=1, max_length=40, description="dag | serve | finetune | batch")
+    spec: dict[str, Any] = Field(description="The kind's spec; for dag: {'tasks': [...]}")
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="The same key from the same tenant returns the first job.",
+    )
+
+
+class TaskResponse(BaseModel):
+    id: str
+    object: Literal["job.task"] = "job.task"
+    name: str
+    operator: str
+    args: dict[str, Any]
+    depends_on: list[str]
+    state: TaskState
+    trigger_rule: TriggerRule
+    attempt: int
+    max_attempts: int
+    priority: int
+    resource_class: ResourceClass
+    timeout_s: float
+    output: Any | None
+    error: str | None
+    lease_owner: str | None
+    next_attempt_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, task: Task, depends_on: list[str]) -> TaskResponse:
+        return cls(
+            id=task.id,
+            name=task.name,
+            operator=task.operator,
+            args=task.args,
+            depends_on=depends_on,
+            state=task.state,
+            trigger_rule=task.trigger_rule,
+            attempt=task.attempt,
+            max_attempts=task.retries + 1,
+            priority=task.priority,
+            resource_class=task.resource_class,
+            timeout_s=task.timeout_s,
+            output=task.output,
+            error=task.error,
+            lease_owner=task.lease_owner,
+            next_attempt_at=task.next_attempt_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+        )
+
+
+class EdgeResponse(BaseModel):
+    upstream: str
+    downstream: str
+
+
+class JobSummary(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    kind: str
+    state: JobState
+    spec: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    flow_run_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobSummary:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            state=job.state,
+            spec=job.spec,
+            result=job.result,
+            error=job.error,
+            flow_run_id=job.flow_run_id,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobResponse(JobSummary):
+    tasks: list[TaskResponse]
+    edges: list[EdgeResponse]
+
+    @classmethod
+    def of(cls, job: Job) -> JobResponse:
+        names = {t.id: t.name for t in job.tasks}
+        edges = [
+            EdgeResponse(upstream=names[e.upstream_id], downstream=names[e.downstream_id])
+            for e in job.edges
+        ]
+        upstream: dict[str, list[str]] = {t.name: [] for t in job.tasks}
+        for edge in edges:
+            upstream[edge.downstream].append(edge.upstream)
+        return cls(
+            **JobSummary.of(job).model_dump(),
+            tasks=[TaskResponse.of(t, upstream[t.name]) for t in job.tasks],
+            edges=edges,
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobSummary]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class EventResponse(BaseModel):
+    id: int
+    object: Literal["job.event"] = "job.event"
+    entity_type: str
+    entity_id: str
+    from_state: str | None
+    to_state: str
+    rule: str
+    reason: str | None
+    data: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, event: Event) -> EventResponse:
+        return cls(
+            id=event.id,
+            entity_type=event.entity_type,
+            entity_id=event.entity_id,
+            from_state=event.from_state,
+            to_state=event.to_state,
+            rule=event.rule,
+            reason=event.reason,
+            data=event.data,
+            created_at=event.created_at,
+        )
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventResponse]
+    has_more: bool

@@ -1,0 +1,121 @@
+"""The ``deepflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from deepflow.config import Settings
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from deepflow.store import schema
+
+    settings = Settings.from_env()
+    schema.upgrade(settings.database_url, args.revision)
+    print(f"database at {_redact(settings.database_url)} is at revision {args.revision}")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from deepflow.store import create_api_key, get_database
+
+    db = get_database(Settings.from_env().database_url)
+    with db.transaction() as session:
+        _, key = create_api_key(session, args.tenant)
+    print(key)
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from deepflow.api import create_app
+    from deepflow.launcher import require_current_schema
+
+    settings = Settings.from_env()
+    require_current_schema(settings.database_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from deepflow.launcher import up
+
+    return up(Settings.from_env(), host=args.host, port=args.port)
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from deepflow.engine.testmodel import main as make_test_model
+
+    return make_test_model([args.dir, "--arch", args.arch, "--size", args.size])
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole platform on this machine")
+    up.add_argument("--host", default=None, help="API host (default DEEPFLOW_API_HOST)")
+    up.add_argument("--port", type=int, default=None, help="API port (default DEEPFLOW_API_PORT)")
+    up.set_defaults(func=_up)
+
+    api = sub.add_parser("api", help="serve the HTTP API alone")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=_api)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True
+    )
+    upgrade = db.add_parser("upgrade", help="migrate the configured database")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(func=_db_upgrade)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="print a new API key for a tenant")
+    create.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    create.set_defaults(func=_keys_create)
+
+    model = sub.add_parser("make-test-model", help="write a random-weight model folder")
+    model.add_argument("dir")
+    model.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    model.add_argument("--size", choices=["tiny", "small", "1b"], default="tiny")
+    model.set_defaults(func=_make_test_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line, not a traceback: the CLI's errors are for people
+        import os
+
+        from sqlalchemy.exc import OperationalError
+
+        if os.environ.get("DEEPFLOW_DEBUG"):
+            raise
+
+        if isinstance(exc, OperationalError):
+            message = f"cannot reach the database: {exc.orig}"
+        else:
+            message = str(exc) or type(exc).__name__
+        print(f"deepflow: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shared fixtures: real databases (SQLite files and a throw-away PostgreSQL database).
+
+PostgreSQL is the server on 127.0.0.1:5432 (trust auth). ``.ci/run`` creates a throw-away
+database and names it in DEEPFLOW_TEST_DATABASE_URL; without it, the fixtures create and
+drop their own. Tests never fake the database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from deepflow.config import normalize_database_url
+from deepflow.store import Base, Database, schema
+
+PG_SERVER = normalize_database_url(
+    os.environ.get("DEEPFLOW_TEST_POSTGRES_SERVER", "postgresql://postgres@127.0.0.1:5432/postgres")
+)
+
+
+def create_pg_database(prefix: str = "deepflow_test") -> str:
+    """A new empty PostgreSQL database; returns its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    admin = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A migrated PostgreSQL database for the whole session."""
+    given = os.environ.get("DEEPFLOW_TEST_DATABASE_URL")
+    url = normalize_database_url(given) if given else create_pg_database()
+    schema.upgrade(url)
+    yield url
+    if not given:
+        drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied per test (faster than migrating each time)."""
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    schema.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database: each store and API test runs on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        path = tmp_path / "deepflow.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        database = Database(f"sqlite:///{path}")
+        yield database
+        database.dispose()
+        return
+    database = Database(request.getfixturevalue("pg_url"))
+    yield database
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with database.engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    database.dispose()

@@ -1,0 +1,185 @@
+"""Jobs in the store: creation, idempotency, reads, tenants, cancellation, progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from deepflow import dag
+from deepflow.dag import JobState, TaskState
+from deepflow.store import (
+    Conflict,
+    Database,
+    Job,
+    NotFound,
+    Request,
+    Task,
+    TaskEdge,
+    advance_job,
+    cancel_job,
+    claim_task,
+    create_job,
+    ensure_tenant,
+    list_jobs,
+    queue_task,
+    read_job,
+    read_job_events,
+    succeed_task,
+)
+
+FAN = {
+    "tasks": [
+        {"name": "start", "operator": "noop"},
+        {"name": "left", "operator": "echo", "args": {"side": "l"}, "depends_on": ["start"]},
+        {"name": "right", "operator": "echo", "args": {"side": "r"}, "depends_on": ["start"]},
+        {"name": "join", "operator": "noop", "depends_on": ["left", "right"], "priority": 5},
+    ]
+}
+
+
+def _tenant(db: Database, name: str = "acme") -> str:
+    with db.transaction() as s:
+        return ensure_tenant(s, name).id
+
+
+def _create(
+    db: Database, tenant_id: str, spec: dict[str, Any] = FAN, key: str | None = None
+) -> Job:
+    with db.transaction() as s:
+        job, _ = create_job(s, tenant_id, dag.plan("dag", spec), "dag", key)
+        return job
+
+
+def _count(db: Database, model: type) -> int:
+    with db.transaction() as s:
+        return s.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+def test_create_job_persists_request_tasks_and_edges(db: Database) -> None:
+    tenant = _tenant(db)
+    job = _create(db, tenant)
+    with db.transaction() as s:
+        stored = read_job(s, tenant, job.id)
+        assert stored.state is JobState.PENDING and stored.kind == "dag"
+        assert [t.name for t in stored.tasks] == ["start", "left", "right", "join"]
+        names = {t.id: t.name for t in stored.tasks}
+        edges = {(names[e.upstream_id], names[e.downstream_id]) for e in stored.edges}
+        assert edges == {("start", "left"), ("start", "right"), ("left", "join"), ("right", "join")}
+        request = s.get(Request, stored.request_id)
+        assert request is not None and request.body["spec"]["tasks"][1]["args"] == {"side": "l"}
+        assert all(t.state is TaskState.PENDING and t.attempt == 0 for t in stored.tasks)
+
+
+def test_idempotency_key_returns_first_job_and_rejects_other_body(db: Database) -> None:
+    tenant = _tenant(db)
+    first = _create(db, tenant, key="k1")
+    with db.transaction() as s:
+        again, created = create_job(s, tenant, dag.plan("dag", FAN), "dag", "k1")
+    assert again.id == first.id and not created
+    other = {"tasks": [{"name": "x", "operator": "noop"}]}
+    with pytest.raises(Conflict) as err, db.transaction() as s:
+        create_job(s, tenant, dag.plan("dag", other), "dag", "k1")
+    assert err.value.code == "idempotency_key_reused"
+    # another tenant may use the same key for its own job
+    assert _create(db, _tenant(db, "other"), key="k1").id != first.id
+    assert _count(db, Job) == 2
+
+
+def test_tenants_never_see_each_others_jobs(db: Database) -> None:
+    acme, other = _tenant(db, "acme"), _tenant(db, "other")
+    job = _create(db, acme)
+    with db.transaction() as s:
+        with pytest.raises(NotFound):
+            read_job(s, other, job.id)
+        with pytest.raises(NotFound):
+            read_job_events(s, other, job.id)
+        with pytest.raises(NotFound):
+            cancel_job(s, other, job.id)
+        assert list_jobs(s, other).jobs == []
+    with db.transaction() as s:
+        assert read_job(s, acme, job.id).state is JobState.PENDING
+
+
+def test_list_jobs_filters_and_pages_newest_first(db: Database) -> None:
+    tenant = _tenant(db)
+    ids = [_create(db, tenant).id for _ in range(5)]
+    with db.transaction() as s:
+        cancel_job(s, tenant, ids[1])
+    with db.transaction() as s:
+        page1 = list_jobs(s, tenant, limit=2)
+        page2 = list_jobs(s, tenant, limit=2, after=page1.jobs[-1].id)
+        page3 = list_jobs(s, tenant, limit=2, after=page2.jobs[-1].id)
+        assert [j.id for j in page1.jobs + page2.jobs + page3.jobs] == ids[::-1]
+        assert (page1.has_more, page2.has_more, page3.has_more) == (True, True, False)
+        assert [j.id for j in list_jobs(s, tenant, state=JobState.CANCELLED).jobs] == [ids[1]]
+        assert list_jobs(s, tenant, kind="serve").jobs == []
+        with pytest.raises(NotFound):
+            list_jobs(s, tenant, after="job_nope")
+
+
+def test_cancel_ends_every_task_and_refuses_finished_jobs(db: Database) -> None:
+    tenant = _tenant(db)
+    job = _create(db, tenant)
+    start = job.tasks[0].id
+    with db.transaction() as s:
+        queue_task(s, start)
+        claim_task(s, start, "w1", 1, 30)
+    with db.transaction() as s:
+        cancelled = cancel_job(s, tenant, job.id)
+        assert cancelled.state is JobState.CANCELLED
+    with db.transaction() as s:
+        stored = read_job(s, tenant, job.id)
+        assert {t.state for t in stored.tasks} == {TaskState.CANCELLED}
+        assert all(t.lease_owner is None for t in stored.tasks)
+    with pytest.raises(Conflict, match="already cancelled"), db.transaction() as s:
+        cancel_job(s, tenant, job.id)
+
+
+def _run_ready(db: Database, job_id: str, outcome: str = "succeed") -> list[str]:
+    """Queue, claim and finish every ready task once; returns their names."""
+    with db.transaction() as s:
+        ready = advance_job(s, job_id).ready
+        tasks = {t.name: t for t in s.execute(select(Task).where(Task.job_id == job_id)).scalars()}
+    for name in ready:
+        with db.transaction() as s:
+            attempt = queue_task(s, tasks[name].id).attempt
+            assert claim_task(s, tasks[name].id, "w1", attempt, 30) is not None
+            succeed_task(s, tasks[name].id, "w1", attempt, {"done": name})
+    return ready
+
+
+def test_advance_runs_a_fan_out_fan_in_to_success(db: Database) -> None:
+    tenant = _tenant(db)
+    job = _create(db, tenant)
+    assert _run_ready(db, job.id) == ["start"]
+    assert _run_ready(db, job.id) == ["left", "right"]
+    assert _run_ready(db, job.id) == ["join"]
+    with db.transaction() as s:
+        assert advance_job(s, job.id).job_state is JobState.SUCCEEDED
+    with db.transaction() as s:
+        stored = read_job(s, tenant, job.id)
+        assert stored.state is JobState.SUCCEEDED
+        assert stored.result == {"outputs": {"join": {"done": "join"}}}
+        assert stored.started_at and stored.finished_at and stored.started_at <= stored.finished_at
+        events = read_job_events(s, tenant, job.id)
+        assert [e.to_state for e in events if e.entity_type == "job"] == [
+            "pending",
+            "running",
+            "succeeded",
+        ]
+        assert events == sorted(events, key=lambda e: e.id)
+        assert read_job_events(s, tenant, job.id, after=events[2].id)[0].id == events[3].id
+
+
+def test_rejected_plan_writes_nothing(db: Database) -> None:
+    _tenant(db)
+    with pytest.raises(dag.DagError):
+        dag.plan("dag", {"tasks": [{"name": "a", "operator": "noop", "depends_on": ["a"]}]})
+    assert (_count(db, Job), _count(db, Task), _count(db, TaskEdge), _count(db, Request)) == (
+        0,
+        0,
+        0,
+        0,
+    )
