@@ -58,9 +58,9 @@ def test_legal_job_transition_writes_its_event(db: Database) -> None:
 
 def test_illegal_transition_is_rejected_and_writes_nothing(db: Database) -> None:
     _, job_id, tasks = _job(db)
-    with pytest.raises(IllegalTransition, match="cannot go from pending to succeeded"):
-        with db.transaction() as s:
-            set_job_state(s, job_id, JobState.SUCCEEDED)
+    illegal = pytest.raises(IllegalTransition, match="cannot go from pending to succeeded")
+    with illegal, db.transaction() as s:
+        set_job_state(s, job_id, JobState.SUCCEEDED)
     with pytest.raises(IllegalTransition), db.transaction() as s:
         set_task_state(s, tasks["a"], TaskState.RUNNING)  # must be queued first
     assert len(_events(db, job_id)) == 1
