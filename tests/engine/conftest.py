@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from deepflow.engine.block_manager import BlockManager
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.llm_engine import LLMEngine
