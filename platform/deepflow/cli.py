@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"cannot reach the database: {exc.orig}"
         else:
             message = str(exc) or type(exc).__name__
-        print(f"deepflow: error: {message}", file=sys.stderr)
+        print(f"deepflow: error: {' '.join(message.split())}", file=sys.stderr)
         return 1
 
 

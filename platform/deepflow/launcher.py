@@ -85,7 +85,9 @@ def up(settings: Settings, host: str | None = None, port: int | None = None) -> 
     threading.Thread(target=banner, daemon=True).start()
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the expected outcome
     finally:
         reconciler.stop()
-        print("DeepFlow stopped.")
+        print("DeepFlow stopped.", flush=True)
     return 0

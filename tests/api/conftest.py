@@ -1,0 +1,64 @@
+"""API fixtures: the app over a real database, and keys for two tenants."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from deepflow.api import create_app
+from deepflow.config import Settings
+from deepflow.store import Database, create_api_key
+
+
+@dataclass
+class Api:
+    client: TestClient
+    db: Database
+    key: str
+    other_key: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+
+@pytest.fixture
+def api(db: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    settings = Settings(
+        home=tmp_path_factory.mktemp("home"), database_url=db.url, broker_url="memory://"
+    )
+    with db.transaction() as s:
+        _, key = create_api_key(s, "acme")
+        _, other = create_api_key(s, "globex")
+    with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
+        yield Api(client, db, key, other)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live_api(api: Api) -> Iterator[str]:
+    """The same app behind a real HTTP server (for concurrency), yielding its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.client.app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    httpx.Client().close()

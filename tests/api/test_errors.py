@@ -1,0 +1,129 @@
+"""Bad input gets a 4xx in OpenAI's error shape, and the database keeps nothing of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from deepflow.store import Event, Job, Request, Task, TaskEdge
+from tests.api.conftest import Api
+
+
+def _rows(api: Api) -> tuple[int, ...]:
+    with api.db.transaction() as s:
+        return tuple(
+            s.execute(select(func.count()).select_from(m)).scalar_one()
+            for m in (Request, Job, Task, TaskEdge, Event)
+        )
+
+
+def _assert_error(r: Any, status: int, code: str, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["message"]
+    assert err["type"] == ("authentication_error" if status == 401 else "invalid_request_error")
+    if param is not None:
+        assert err["param"] == param
+
+
+def _task(name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "operator": "noop", **kw}
+
+
+BAD_BODIES = [
+    ({"kind": "dag"}, "missing_field", "spec"),
+    ({"kind": "dag", "spec": {"tasks": [_task("a")]}, "colour": "red"}, "unknown_field", "colour"),
+    (
+        {"kind": "dag", "spec": {"tasks": [_task("a", bogus=1)]}},
+        "invalid_spec",
+        "spec.tasks[0].bogus",
+    ),
+    ({"kind": "dag", "spec": {"tasks": []}}, "invalid_spec", "spec.tasks"),
+    ({"kind": "nope", "spec": {}}, "unknown_kind", "kind"),
+    (
+        {
+            "kind": "dag",
+            "spec": {"tasks": [_task("a", depends_on=["b"]), _task("b", depends_on=["a"])]},
+        },
+        "dag_cycle",
+        "spec.tasks",
+    ),
+    ({"kind": "dag", "spec": {"tasks": [_task("a", depends_on=["a"])]}}, "dag_cycle", None),
+    (
+        {"kind": "dag", "spec": {"tasks": [_task("a", depends_on=["zz"])]}},
+        "unknown_dependency",
+        None,
+    ),
+    (
+        {"kind": "dag", "spec": {"tasks": [{"name": "a", "operator": "teleport"}]}},
+        "unknown_operator",
+        "spec.tasks[0].operator",
+    ),
+    (
+        {"kind": "dag", "spec": {"tasks": [_task("a"), _task("a")]}},
+        "duplicate_task",
+        "spec.tasks[1].name",
+    ),
+    (
+        {"kind": "dag", "spec": {"tasks": [_task("a", trigger_rule="sometimes")]}},
+        "invalid_spec",
+        None,
+    ),
+    ({"kind": "dag", "spec": {"tasks": [_task("a", retries=-1)]}}, "invalid_spec", None),
+    ({"kind": "serve", "spec": {"model": "m", "replicas": 0}}, "invalid_spec", "spec.replicas"),
+]
+
+
+@pytest.mark.parametrize(("body", "code", "param"), BAD_BODIES)
+def test_bad_jobs_are_rejected_and_leave_nothing(
+    api: Api, body: dict[str, Any], code: str, param: str | None
+) -> None:
+    before = _rows(api)
+    r = api.client.post("/v1/jobs", json=body, headers=api.headers())
+    _assert_error(r, 400, code, param)
+    assert _rows(api) == before
+
+
+def test_malformed_json(api: Api) -> None:
+    before = _rows(api)
+    headers = {**api.headers(), "Content-Type": "application/json"}
+    r = api.client.post("/v1/jobs", content=b'{"kind": "dag", "spec": ', headers=headers)
+    _assert_error(r, 400, "invalid_json")
+    r = api.client.post("/v1/jobs", content=b"[1, 2]", headers=headers)
+    _assert_error(r, 400, "invalid_json")
+    assert _rows(api) == before
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "missing_api_key"),
+        ("Bearer df-wrong", "invalid_api_key"),
+        ("Basic abc", "invalid_api_key"),
+        ("Bearer ", "invalid_api_key"),
+    ],
+)
+def test_missing_or_wrong_key(api: Api, header: str | None, code: str) -> None:
+    before = _rows(api)
+    headers = {"Authorization": header} if header else {}
+    body = {"kind": "dag", "spec": {"tasks": [_task("a")]}}
+    r = api.client.post("/v1/jobs", json=body, headers=headers)
+    _assert_error(r, 401, code)
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    _assert_error(api.client.get("/v1/jobs", headers=headers), 401, code)
+    assert _rows(api) == before
+
+
+def test_unknown_things(api: Api) -> None:
+    _assert_error(api.client.get("/v1/jobs/job_nope", headers=api.headers()), 404, "job_not_found")
+    _assert_error(api.client.get("/v1/nothing", headers=api.headers()), 404, "not_found")
+    _assert_error(api.client.delete("/v1/jobs", headers=api.headers()), 405, "method_not_allowed")
+    r = api.client.get("/v1/jobs", params={"state": "bogus"}, headers=api.headers())
+    _assert_error(r, 400, "invalid_value", "state")
+    r = api.client.get("/v1/jobs", params={"limit": 0}, headers=api.headers())
+    _assert_error(r, 400, "invalid_value", "limit")

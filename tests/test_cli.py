@@ -1,0 +1,99 @@
+"""The deepflow command line, run as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deepflow.store import Database, authenticate
+from tests.api.conftest import free_port
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPFLOW_")}
+    return {**env, "DEEPFLOW_HOME": str(home), **extra}
+
+
+def _deepflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deepflow.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_db_upgrade_then_keys_create(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    upgraded = _deepflow("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert (tmp_path / "deepflow.db").exists()
+    created = _deepflow("keys", "create", "--tenant", "acme", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"df-[\w-]{40,}", key)
+    db = Database(f"sqlite:///{tmp_path / 'deepflow.db'}")
+    with db.transaction() as s:
+        tenant = authenticate(s, key)
+        assert tenant is not None and tenant.name == "acme"
+    db.dispose()
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    api = _deepflow("api", "--port", str(free_port()), env=env)
+    assert api.returncode == 1
+    assert api.stderr.strip().count("\n") == 0
+    assert "deepflow db upgrade" in api.stderr
+    bad = _env(tmp_path, DEEPFLOW_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    result = _deepflow("keys", "create", "--tenant", "x", env=bad)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deepflow: error: cannot reach the database")
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_up_serves_the_api_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while not any("Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        banner = "".join(lines)
+        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        assert "lease reconciler healthy" in re.sub(r"\s+", " ", banner)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+        body = {"kind": "dag", "spec": {"tasks": [{"name": "a", "operator": "noop"}]}}
+        r = httpx.post(f"{base}/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 201
+        assert (tmp_path / "api_key").read_text().strip() == key
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "DeepFlow stopped." in out
+
+
+@pytest.mark.parametrize("argv", [["keys"], ["nope"], ["make-test-model"]])
+def test_usage_errors_exit_2(tmp_path: Path, argv: list[str]) -> None:
+    result = _deepflow(*argv, env=_env(tmp_path))
+    assert result.returncode == 2 and "usage: deepflow" in result.stderr
