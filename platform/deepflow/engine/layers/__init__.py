@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: plain torch modules, one concept per file."""

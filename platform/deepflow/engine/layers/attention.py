@@ -1,0 +1,145 @@
+"""Paged attention: the torch reference path.
+
+The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim]. Position
+p of a sequence lives in block `block_table[p // block_size]`, slot `p % block_size`; a step's
+new keys and values are written to their flat slots first, then every chunk reads its whole
+context back through its block table. A chunk that starts at position s attends, for its i-th
+token, to positions <= s + i, so prefill chunks, chunked prefill and decodes (chunks of one
+token) are the same computation and may share a batch.
+
+This path is exact, runs on any torch device, and is the oracle faster kernels are tested
+against; clarity beats speed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where a step's tokens go in the cache and what each chunk attends to."""
+
+    slot_mapping: torch.Tensor  # [tokens] flat slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor  # [chunks, max_blocks] int64, padded with block 0
+    chunk_starts: list[int]  # positions already cached before each chunk
+    chunk_lens: list[int]  # new tokens in each chunk; their rows are consecutive in the batch
+
+    @property
+    def token_offsets(self) -> list[int]:
+        offsets, total = [], 0
+        for n in self.chunk_lens:
+            offsets.append(total)
+            total += n
+        return offsets
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values [tokens, kv_heads, head_dim] into their slots."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` positions of one sequence: [length, kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size]
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked grouped-query attention.
+
+    q: [batch, queries, heads, dim]; k, v: [batch, keys, kv_heads, dim];
+    mask: [batch, queries, keys], True where a query may look. Returns q's shape.
+    """
+    b, n, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    qh = q.view(b, n, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
+    kh = k.permute(0, 2, 1, 3).unsqueeze(2)  # [b, kv_heads, 1, keys, dim]
+    vh = v.permute(0, 2, 1, 3).unsqueeze(2)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, vh)  # [b, kv_heads, group, n, dim]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, n, heads, dim)
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Single-token chunks as one padded batch: q [chunks, heads, dim], lens [chunks]."""
+    block_size = k_cache.shape[1]
+    longest = int(lens.max())
+    tables = block_tables[:, : (longest + block_size - 1) // block_size]
+    # Padding slots hold stale but finite values (the cache starts zeroed); the mask hides them.
+    k = k_cache[tables].flatten(1, 2)
+    v = v_cache[tables].flatten(1, 2)
+    mask = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
+    return attend(q.unsqueeze(1), k, v, mask.unsqueeze(1), scale).squeeze(1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of q [tokens, heads, dim] over the cached context of each token's chunk."""
+    out = torch.empty_like(q)
+    offsets = meta.token_offsets
+    decodes = [i for i, n in enumerate(meta.chunk_lens) if n == 1]
+    if len(decodes) < 2:
+        decodes = []
+    else:
+        rows = torch.tensor([offsets[i] for i in decodes], device=q.device)
+        lens = torch.tensor([meta.chunk_starts[i] + 1 for i in decodes], device=q.device)
+        tables = meta.block_tables[decodes]
+        out[rows] = _decode_batch(q[rows], k_cache, v_cache, tables, lens, scale)
+    batched = set(decodes)
+    for i, (start, n) in enumerate(zip(meta.chunk_starts, meta.chunk_lens, strict=True)):
+        if i in batched:
+            continue
+        length = start + n
+        k = gather_kv(k_cache, meta.block_tables[i], length)
+        v = gather_kv(v_cache, meta.block_tables[i], length)
+        positions = torch.arange(start, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
+        rows = slice(offsets[i], offsets[i] + n)
+        out[rows] = attend(q[rows][None], k[None], v[None], mask[None], scale)[0]
+    return out
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V in the layer's cache, then attends over each chunk's context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        # Views into the runner's cache, attached after the model is built.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

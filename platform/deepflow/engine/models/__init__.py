@@ -1,0 +1,1 @@
+"""Model definitions; one decoder covers the Llama, Mistral and Qwen2 families."""

@@ -1,0 +1,160 @@
+"""One decoder-only transformer for the Llama, Mistral and Qwen2 families.
+
+The families differ only in what config.json says: GQA head counts, RoPE scaling, biases on
+q/k/v (Qwen2) and tied embeddings. Module names follow the checkpoints', so
+`checkpoint_tensors()` can map every stored tensor to the parameter (slice) it fills.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from deepflow.engine.layers.activation import SiluAndMul
+from deepflow.engine.layers.attention import Attention, AttentionMetadata
+from deepflow.engine.layers.embedding import LMHead, VocabEmbedding
+from deepflow.engine.layers.linear import Linear, MergedLinear
+from deepflow.engine.layers.norm import RMSNorm
+from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from deepflow.engine.model_config import ModelConfig
+
+# Checkpoint tensors that carry nothing the decoder needs: cached RoPE tables some exporters save.
+HARMLESS_EXTRAS = re.compile(r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.qkv_bias
+        )
+        self.o_proj = Linear(q_rows, cfg.hidden_size, cfg.o_bias)
+        self.attn = Attention(self.heads, self.kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = apply_rotary(q.view(-1, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, cfg.mlp_bias
+        )
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_model_len: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            cfg.max_position_embeddings,
+            max_model_len,
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_model_len: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, max_model_len)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] for the flat batch of new tokens."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def checkpoint_tensors(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """Every tensor name a checkpoint must hold -> (parameter, output rows it fills or None)."""
+        expected: dict[str, tuple[torch.Tensor, slice | None]] = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, LMHead) and module.tied:
+                continue
+            params = dict(module.named_parameters(recurse=False))
+            dot = f"{prefix}." if prefix else ""
+            if isinstance(module, MergedLinear):
+                parent = prefix.rpartition(".")[0] + "."
+                for part, rows in module.parts.items():
+                    for kind, param in params.items():
+                        expected[f"{parent}{part}.{kind}"] = (param, rows)
+            else:
+                for kind, param in params.items():
+                    expected[f"{dot}{kind}"] = (param, None)
+        return expected
+
+    def ignores(self, name: str) -> bool:
+        """True for a checkpoint tensor that is known to be safe to skip."""
+        if self.config.tie_word_embeddings and name == "lm_head.weight":
+            return True  # a tied checkpoint may store the head too; it equals the embedding
+        return HARMLESS_EXTRAS.match(name) is not None
