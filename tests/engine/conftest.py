@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +146,38 @@ def make_fake_engine():
 def check_blocks():
     """check_blocks(engine): the exact block accounting assertion, for use mid-test."""
     return assert_blocks_ok
+
+
+# ---- model side: tiny random-weight models (real tokenizers), built once per session ----------
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"llama": folder, "qwen2": folder}: tiny test models, two safetensors shards each."""
+    from deepflow.engine.testmodel import make_test_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: make_test_model(root / arch, arch, "tiny") for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["qwen2"]
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(folder) -> transformers' own CausalLM for the folder, float32, eval; cached."""
+    cache: dict[Path, Any] = {}
+
+    def load(folder: Path) -> Any:
+        if folder not in cache:
+            transformers = pytest.importorskip("transformers")
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            cache[folder] = model.eval()
+        return cache[folder]
+
+    return load
