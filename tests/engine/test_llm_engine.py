@@ -329,16 +329,14 @@ def test_from_model_rejects_unknown_options():
 
 
 # ---- acceptance: the real tiny model ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_engine_factory(tmp_path_factory):
-    from deepflow.engine.testmodel import make_test_model
+@pytest.fixture
+def tiny_engine_factory(tiny_llama):
+    """make(**EngineConfig fields) -> LLMEngine on the real tiny Llama."""
 
-    folder = str(make_test_model(tmp_path_factory.mktemp("tiny_llama"), "llama", "tiny"))
-
-    def make(**kwargs):
+    def make(model=tiny_llama, **kwargs):
         kwargs.setdefault("num_kv_blocks", 64)
         kwargs.setdefault("block_size", 8)
-        return LLMEngine(EngineConfig(model=folder, **kwargs))
+        return LLMEngine(EngineConfig(model=str(model), **kwargs))
 
     return make
 
@@ -346,15 +344,20 @@ def tiny_engine_factory(tmp_path_factory):
 REAL_PROMPTS = ["Hello there, how are you", "The quick brown fox jumps", "Once upon", "a b c d e f"]
 
 
-def test_real_model_greedy_is_the_same_however_it_is_scheduled(tiny_engine_factory):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_real_model_greedy_is_the_same_however_it_is_scheduled(
+    tiny_engine_factory, tiny_model_dirs, arch
+):
+    model = tiny_model_dirs[arch]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     reference = {}
     for i, prompt in enumerate(REAL_PROMPTS):
-        engine = tiny_engine_factory()
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=12))
+        engine = tiny_engine_factory(model)
+        engine.add_request(str(i), prompt, params)
         reference[str(i)] = run(engine)[0][str(i)].outputs[0].token_ids
-    engine = tiny_engine_factory(num_kv_blocks=9, max_num_batched_tokens=7)
+    engine = tiny_engine_factory(model, num_kv_blocks=9, max_num_batched_tokens=7)
     for i, prompt in enumerate(REAL_PROMPTS):
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=12))
+        engine.add_request(str(i), prompt, params)
     final, streamed = run(engine)
     assert {k: v.outputs[0].token_ids for k, v in final.items()} == reference
     assert engine.get_stats().num_preemptions > 0

@@ -10,6 +10,7 @@ which frees its blocks at the start of the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -139,6 +140,9 @@ class AsyncLLMEngine:
         except BaseException as exc:  # every stream must hear of it
             self.error = exc
             self._fail_all(EngineDeadError(f"the engine loop died: {exc!r}"))
+            with contextlib.suppress(Exception):  # best effort: give the blocks back
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
 
     def _deliver_all(self, outputs: list[RequestOutput | None]) -> None:
         for output in outputs:
