@@ -46,6 +46,45 @@ def _up(args: argparse.Namespace) -> int:
     return up(Settings.from_env(), host=args.host, port=args.port)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from workers.start import start_worker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    start_worker(queues, args.device, args.concurrency, args.loglevel)
+    return 0
+
+
+def _flows_serve(args: argparse.Namespace) -> int:
+    from flows.deployments import serve_all
+
+    serve_all(limit=args.limit)
+    return 0
+
+
+def _reconciler(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from deepflow.dispatch import Dispatcher
+    from deepflow.store import Reconciler, get_database
+
+    settings = Settings.from_env()
+    db = get_database(settings.database_url)
+    passes = []
+    if settings.prefect_api_url:
+        passes.append(Dispatcher(db, settings.prefect_api_url).dispatch_pending)
+    reconciler = Reconciler(db, settings.reconcile_interval_s, passes)
+    reconciler.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"reconciling every {settings.reconcile_interval_s:g}s; Ctrl-C stops", flush=True)
+    try:
+        stop.wait()
+    finally:
+        reconciler.stop()
+    return 0
+
+
 def _make_test_model(args: argparse.Namespace) -> int:
     from deepflow.engine.testmodel import main as make_test_model
 
@@ -85,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="print a new API key for a tenant")
     create.add_argument("--tenant", required=True, help="tenant name (created if new)")
     create.set_defaults(func=_keys_create)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for one or more queues")
+    worker.add_argument("--queues", default="cpu", help="cpu, cuda or npu (comma-separated)")
+    worker.add_argument("--device", default=None, help="device index for cuda/npu workers")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    flows = sub.add_parser("flows", help="Prefect flows").add_subparsers(
+        dest="flows_command", required=True
+    )
+    serve = flows.add_parser("serve", help="register and run the job-kind deployments")
+    serve.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+    serve.set_defaults(func=_flows_serve)
+
+    reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")
+    reconciler.set_defaults(func=_reconciler)
 
     model = sub.add_parser("make-test-model", help="write a random-weight model folder")
     model.add_argument("dir")

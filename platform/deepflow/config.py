@@ -23,6 +23,13 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name) or str(default)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{name} must be a port number, not {raw!r}")
+    return int(raw)
+
+
 def normalize_database_url(url: str) -> str:
     """Pin PostgreSQL URLs to psycopg 3 (SQLAlchemy's bare ``postgresql://`` means psycopg2)."""
     for prefix in ("postgresql://", "postgres://"):
@@ -39,10 +46,15 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     prefect_api_url: str | None = None
+    """An existing Prefect server's API (DEEPFLOW_PREFECT_API_URL); ``up`` starts one if unset."""
+    prefect_port: int = 4200
+    """Where ``up`` starts its Prefect server (DEEPFLOW_PREFECT_PORT)."""
     lease_ttl_s: float = 30.0
     """A running task's lease lasts this long past its last heartbeat."""
     reconcile_interval_s: float = 5.0
     """How often the reconciler looks for expired leases."""
+    operator_modules: str = ""
+    """Comma-separated modules that register extra operators (DEEPFLOW_OPERATORS)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,18 +63,18 @@ class Settings:
             os.environ.get("DEEPFLOW_DATABASE_URL") or f"sqlite:///{home / 'deepflow.db'}"
         )
         broker_url = os.environ.get("DEEPFLOW_BROKER_URL") or "filesystem://"
-        port_raw = os.environ.get("DEEPFLOW_API_PORT", "8000")
-        if not port_raw.isdigit():
-            raise ValueError(f"DEEPFLOW_API_PORT must be a port number, not {port_raw!r}")
+        port = _env_port("DEEPFLOW_API_PORT", 8000)
         return cls(
             home=home,
             database_url=normalize_database_url(database_url),
             broker_url=broker_url,
             api_host=os.environ.get("DEEPFLOW_API_HOST", "127.0.0.1"),
-            api_port=int(port_raw),
+            api_port=port,
+            prefect_port=_env_port("DEEPFLOW_PREFECT_PORT", 4200),
             prefect_api_url=os.environ.get("DEEPFLOW_PREFECT_API_URL") or None,
             lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
+            operator_modules=os.environ.get("DEEPFLOW_OPERATORS", ""),
         )
 
     @property

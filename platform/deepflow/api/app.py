@@ -8,11 +8,14 @@ from sqlalchemy import text
 from deepflow import __version__
 from deepflow.api import errors, jobs
 from deepflow.config import Settings
+from deepflow.dag import operators
+from deepflow.dispatch import Dispatcher
 from deepflow.store import Database, get_database
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    operators.load_plugins(settings.operator_modules)
     app = FastAPI(
         title="DeepFlow",
         version=__version__,
@@ -20,6 +23,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     )
     app.state.settings = settings
     app.state.db = db or get_database(settings.database_url)
+    app.state.dispatcher = (
+        Dispatcher(app.state.db, settings.prefect_api_url) if settings.prefect_api_url else None
+    )
     errors.install(app)
     app.include_router(jobs.router)
 

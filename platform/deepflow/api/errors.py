@@ -50,8 +50,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if err.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
     if not loc and err.get("loc", ())[:1] == ("body",):
-        return "the request body must be a JSON object (Content-Type: application/json)", None, (
-            "invalid_json"
+        return (
+            "the request body must be a JSON object (Content-Type: application/json)",
+            None,
+            ("invalid_json"),
         )
     param = format_loc(loc) if loc else None
     where = f"{param}: " if param else ""

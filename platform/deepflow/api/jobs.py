@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from deepflow import dag, store
 from deepflow.api.deps import DB, CurrentTenant
@@ -22,13 +22,19 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=201, response_model=JobResponse)
-def create_job(body: JobCreate, response: Response, tenant: CurrentTenant, db: DB) -> JobResponse:
-    """Create a job; 201 with its tasks and edges, or 200 replaying an idempotent request."""
+def create_job(
+    body: JobCreate, request: Request, response: Response, tenant: CurrentTenant, db: DB
+) -> JobResponse:
+    """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
+    idempotency key replays an earlier request."""
     plan = dag.plan(body.kind, body.spec)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
-        job = store.read_job(session, tenant.id, job.id)
-        out = JobResponse.of(job)
+    dispatcher = request.app.state.dispatcher
+    if created and dispatcher is not None:
+        dispatcher.try_dispatch(job.id, body.kind)
+    with db.transaction() as session:
+        out = JobResponse.of(store.read_job(session, tenant.id, job.id))
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

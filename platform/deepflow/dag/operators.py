@@ -8,6 +8,7 @@ operators register themselves from their own modules.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def load_plugins(modules: str | None) -> None:
+    """Import operator modules named in a comma-separated list (``DEEPFLOW_OPERATORS``);
+    each registers its operators on import. The API and every worker load the same list."""
+    for name in filter(None, (m.strip() for m in (modules or "").split(","))):
+        importlib.import_module(name)
+
+
 def _check_sleep(args: dict[str, Any]) -> None:
     seconds = args.get("seconds", 1.0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
@@ -88,7 +96,9 @@ def _check_sleep(args: dict[str, Any]) -> None:
 
 def _sleep(args: dict[str, Any]) -> JSON:
     seconds = float(args.get("seconds", 1.0))
-    time.sleep(seconds)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))  # short naps: a cancelled attempt stops promptly
     return {"slept_s": seconds}
 
 

@@ -16,6 +16,7 @@ from deepflow.store.instances import (
 from deepflow.store.jobs import (
     JobPage,
     advance_job,
+    attach_flow_run,
     cancel_job,
     create_job,
     job_dag,
@@ -79,6 +80,7 @@ __all__ = [
     "TaskEdge",
     "Tenant",
     "advance_job",
+    "attach_flow_run",
     "authenticate",
     "cancel_job",
     "claim_task",

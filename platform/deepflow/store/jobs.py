@@ -207,6 +207,19 @@ def cancel_job(
     return set_job_state(session, job_id, JobState.CANCELLED, reason=reason)
 
 
+def attach_flow_run(session: Session, job_id: str, flow_run_id: str) -> Job:
+    """Record the Prefect flow run that drives the job; a pending job becomes queued."""
+    job = lock(session, Job, job_id)
+    if job.flow_run_id not in (None, flow_run_id):
+        raise Conflict(
+            f"job {job_id} is already driven by flow run {job.flow_run_id}", "job_has_flow_run"
+        )
+    job.flow_run_id = flow_run_id
+    if job.state is JobState.PENDING:
+        set_job_state(session, job_id, JobState.QUEUED, data={"flow_run_id": flow_run_id})
+    return job
+
+
 def job_dag(session: Session, job_id: str) -> tuple[Dag, list[Task]]:
     """The job's DAG as stored, with its tasks in declaration order."""
     tasks = list(

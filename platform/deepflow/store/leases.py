@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sqlalchemy import or_, select
@@ -66,11 +67,18 @@ def expire_leases(db: Database, now: datetime | None = None, limit: int = 100) -
 
 
 class Reconciler:
-    """Runs ``expire_leases`` every ``interval_s`` in a daemon thread until stopped."""
+    """Runs ``expire_leases`` (and any ``extra_passes``, such as re-dispatching jobs whose
+    flow run could not be created) every ``interval_s`` in a daemon thread until stopped."""
 
-    def __init__(self, db: Database, interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        interval_s: float = 5.0,
+        extra_passes: Sequence[Callable[[], object]] = (),
+    ) -> None:
         self.db = db
         self.interval_s = interval_s
+        self.passes: list[Callable[[], object]] = [lambda: expire_leases(db), *extra_passes]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,10 +88,11 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                expire_leases(self.db)
-            except Exception:  # a database hiccup must not kill the reconciler
-                log.exception("lease reconciliation failed; retrying in %.1fs", self.interval_s)
+            for reconcile in self.passes:
+                try:
+                    reconcile()
+                except Exception:  # a database hiccup must not kill the reconciler
+                    log.exception("reconciliation failed; retrying in %.1fs", self.interval_s)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,0 +1,19 @@
+"""The ``dag`` job kind's flow. Runs a user-declared DAG of operator tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.states import State
+
+from deepflow.dispatch import flow_name
+from flows.jobs import run_job_flow
+
+
+@flow(name=flow_name("dag"), persist_result=False, log_prints=True)
+def dag_job(
+    job_id: str | None = None, spec: dict[str, Any] | None = None, tenant: str = "default"
+) -> State[Any] | dict[str, Any] | None:
+    """Pass ``job_id`` (our API does), or ``spec`` and ``tenant`` (Prefect's API, a schedule)."""
+    return run_job_flow("dag", job_id, spec, tenant)

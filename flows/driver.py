@@ -1,0 +1,132 @@
+"""The job driver: runs one job's task DAG inside a Prefect flow run.
+
+The store, not the futures, is the truth: every pass re-reads the job, applies the
+ready-set function (``store.advance_job``), starts a new attempt for each ready task and
+submits it to its resource-class queue through the Celery task runner. Futures only wake
+the driver early. So a result that never arrives (a killed worker, a restarted broker) is
+noticed through the store: the reconciler ends the attempt, the driver starts the next,
+and an attempt left queued too long (its message lost) is sent again — duplicates are
+harmless because claims are fenced by attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from prefect import task
+from prefect.futures import PrefectFuture
+from prefect.states import Cancelled, State
+from sqlalchemy import select
+
+from deepflow.dag import TaskState
+from deepflow.store import Database, Job, Task, advance_job, queue_task
+from deepflow.store.types import utcnow
+from workers.execute import StaleAttempt, execute_task
+from workers.prefect_celery import CeleryTaskRunner
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+"""Longest the driver sleeps without a future completing: how fast it notices what only
+the store knows (cancellation, an expired lease, a retry falling due)."""
+
+REDISPATCH_AFTER_S = 600.0
+"""A task queued this long without a claim is sent again (its message may be lost)."""
+
+
+@task(name="deepflow-task", persist_result=False)
+def run_attempt(task_id: str, attempt: int) -> Any:
+    """The Prefect task a worker runs: one attempt of one of our tasks."""
+    try:
+        return execute_task(task_id, attempt)
+    except StaleAttempt as exc:
+        return Cancelled(message=str(exc))
+
+
+@dataclass
+class _Sent:
+    attempt: int
+    future: PrefectFuture[Any]
+    sent_at: datetime
+
+
+@dataclass
+class JobDriver:
+    db: Database
+    job_id: str
+    runner: CeleryTaskRunner
+    poll_s: float = POLL_S
+    redispatch_after_s: float = REDISPATCH_AFTER_S
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _sent: dict[str, _Sent] = field(default_factory=dict)
+
+    def run(self) -> Job:
+        """Drive the job until it is terminal; returns the final job row."""
+        try:
+            while True:
+                self._wake.clear()
+                job, tasks, started = self._advance()
+                if job.state.is_terminal:
+                    return job
+                for row in started:
+                    self._send(row)
+                timeout = self._reconcile(tasks)
+                self._wake.wait(timeout)
+        finally:
+            for sent in self._sent.values():
+                sent.future.cancel()  # revokes messages still queued
+
+    def _advance(self) -> tuple[Job, list[Task], list[Task]]:
+        with self.db.transaction() as session:
+            decision = advance_job(session, self.job_id)
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            tasks = list(session.execute(select(Task).where(Task.job_id == self.job_id)).scalars())
+            by_name = {t.name: t for t in tasks}
+            started = [queue_task(session, by_name[name].id) for name in decision.ready]
+        return job, tasks, started
+
+    def _send(self, row: Task) -> None:
+        prefect_task = run_attempt.with_options(
+            name=row.name,
+            task_run_name=f"{row.name} #{row.attempt}",
+            tags=[f"queue:{row.resource_class.value}", f"deepflow-job:{self.job_id}"],
+        )
+        future = self.runner.submit(prefect_task, {"task_id": row.id, "attempt": row.attempt})
+        future.add_done_callback(lambda _: self._wake.set())
+        self._sent[row.id] = _Sent(row.attempt, future, utcnow())
+
+    def _reconcile(self, tasks: list[Task]) -> float:
+        """Forget futures of attempts the store has moved past, resend lost ones, and
+        return how long to sleep (until the next retry falls due, at most ``poll_s``)."""
+        now = utcnow()
+        timeout = self.poll_s
+        for t in tasks:
+            sent = self._sent.get(t.id)
+            if sent is not None and (sent.attempt != t.attempt or t.state.is_terminal):
+                del self._sent[t.id]
+            elif (
+                sent is not None
+                and t.state is TaskState.QUEUED
+                and (now - sent.sent_at > timedelta(seconds=self.redispatch_after_s))
+            ):
+                log.warning("task %s attempt %d unclaimed; sending it again", t.name, t.attempt)
+                self._send(t)
+            if t.state is TaskState.UP_FOR_RETRY and t.next_attempt_at is not None:
+                timeout = min(timeout, max((t.next_attempt_at - now).total_seconds(), 0.01))
+        return timeout
+
+
+def final_state(job: Job) -> State[Any] | dict[str, Any] | None:
+    """What the flow run returns: the job's result, or a Failed/Cancelled state."""
+    from prefect.states import Failed
+
+    if job.state.value == "succeeded":
+        return job.result
+    if job.state.value == "cancelled":
+        return Cancelled(message=job.error or "job cancelled")
+    return Failed(message=job.error or "job failed")

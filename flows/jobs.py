@@ -1,0 +1,48 @@
+"""What every job-kind flow does: find or create its job, then drive its DAG.
+
+A flow run started by our API gets ``job_id``. One started from Prefect's own API, UI or a
+schedule gets ``spec`` (and ``tenant``) instead and creates its job in our store, keyed by
+the flow run's id so a retried flow run finds the same job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.context import get_run_context
+from prefect.states import State
+
+from deepflow import dag, store
+from deepflow.config import Settings
+from deepflow.dag import operators
+from flows.driver import JobDriver, final_state
+from workers.app import make_app
+from workers.prefect_celery import CeleryTaskRunner
+
+
+def create_job_for_flow_run(
+    db: store.Database, kind: str, spec: dict[str, Any], tenant: str, flow_run_id: str
+) -> str:
+    plan = dag.plan(kind, spec)
+    with db.transaction() as session:
+        owner = store.ensure_tenant(session, tenant)
+        job, _ = store.create_job(session, owner.id, plan, kind, f"prefect-flow-run:{flow_run_id}")
+        return job.id
+
+
+def run_job_flow(
+    kind: str, job_id: str | None, spec: dict[str, Any] | None, tenant: str
+) -> State[Any] | dict[str, Any] | None:
+    settings = Settings.from_env()
+    operators.load_plugins(settings.operator_modules)
+    db = store.get_database(settings.database_url)
+    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    if job_id is None:
+        if spec is None:
+            raise ValueError("a job flow needs either job_id or spec")
+        job_id = create_job_for_flow_run(db, kind, spec, tenant, flow_run_id)
+    with db.transaction() as session:
+        store.attach_flow_run(session, job_id, flow_run_id)
+    with CeleryTaskRunner(make_app(settings), default_queue="cpu") as runner:
+        job = JobDriver(db, job_id, runner).run()
+    return final_state(job)

@@ -1,0 +1,82 @@
+"""Hands accepted jobs to Prefect: one flow run of the job kind's deployment per job.
+
+The API dispatches each job right after committing it. If Prefect is unreachable then,
+the job stays ``pending`` and ``dispatch_pending`` (run by the reconciler loop) tries
+again later; Prefect's idempotency key (the job id) makes a retried creation return the
+same flow run, so a job never gets two.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from sqlalchemy import select
+
+from deepflow.dag import JobState
+from deepflow.store import Database, Job, attach_flow_run
+from deepflow.store.types import utcnow
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "default"
+
+
+def flow_name(kind: str) -> str:
+    return f"deepflow-{kind}"
+
+
+def deployment_name(kind: str) -> str:
+    """The Prefect deployment that runs jobs of ``kind``: ``deepflow-dag/default``."""
+    return f"{flow_name(kind)}/{DEPLOYMENT}"
+
+
+class Dispatcher:
+    """Creates flow runs through Prefect's API at ``api_url``."""
+
+    def __init__(self, db: Database, api_url: str) -> None:
+        self.db = db
+        self.api_url = api_url
+        self._deployments: dict[str, str] = {}
+
+    def _client(self) -> SyncPrefectClient:
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            return get_client(sync_client=True)
+
+    def dispatch(self, job_id: str, kind: str) -> str:
+        """Create (or find) the job's flow run and record it; returns the flow run id."""
+        with self._client() as client:
+            if kind not in self._deployments:
+                deployment = client.read_deployment_by_name(deployment_name(kind))
+                self._deployments[kind] = str(deployment.id)
+            flow_run = client.create_flow_run_from_deployment(
+                self._deployments[kind],
+                parameters={"job_id": job_id},
+                idempotency_key=f"deepflow-job:{job_id}",
+                tags=["deepflow", f"kind:{kind}"],
+            )
+        with self.db.transaction() as session:
+            attach_flow_run(session, job_id, str(flow_run.id))
+        return str(flow_run.id)
+
+    def try_dispatch(self, job_id: str, kind: str) -> str | None:
+        try:
+            return self.dispatch(job_id, kind)
+        except Exception as exc:  # Prefect down: the job waits, pending, for the next pass
+            log.warning("could not dispatch job %s yet: %s", job_id, exc)
+            return None
+
+    def dispatch_pending(self, older_than_s: float = 5.0) -> list[str]:
+        """Dispatch jobs still pending without a flow run (their first dispatch failed)."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.db.transaction() as session:
+            rows = session.execute(
+                select(Job.id, Job.kind).where(
+                    Job.state == JobState.PENDING,
+                    Job.flow_run_id.is_(None),
+                    Job.created_at < cutoff,
+                )
+            ).all()
+        return [job_id for job_id, kind in rows if self.try_dispatch(job_id, kind)]

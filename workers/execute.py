@@ -1,0 +1,153 @@
+"""One attempt of one task, on a worker: claim the lease, run the operator, report.
+
+The store decides what an outcome means (retry or fail); the worker only reports. While
+the operator runs, a guard thread renews the lease and watches the deadline. If the lease
+is lost (the job was cancelled, or the reconciler gave the attempt up) or the deadline
+passes, the guard stops the operator by raising ``AttemptStopped`` in its thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from deepflow.config import Settings
+from deepflow.dag import operators
+from deepflow.store import (
+    Database,
+    LeaseLost,
+    claim_task,
+    fail_task,
+    get_database,
+    heartbeat_task,
+    succeed_task,
+)
+from deepflow.store.types import utcnow
+from workers.constants import HEARTBEATS_PER_LEASE
+
+log = logging.getLogger(__name__)
+
+
+class AttemptStopped(BaseException):
+    """Raised inside the operator's thread by the guard. A BaseException, so an operator's
+    own ``except Exception`` does not swallow it."""
+
+
+class StaleAttempt(RuntimeError):
+    """The message names an attempt that is no longer current (a redelivery, a duplicate,
+    or a cancelled task): nothing was run."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _Guard:
+    db: Database
+    task_id: str
+    worker: str
+    attempt: int
+    lease_ttl_s: float
+    deadline: datetime | None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._target = threading.get_ident()
+        self._thread = threading.Thread(target=self._watch, name="lease-guard", daemon=True)
+
+    def __enter__(self) -> _Guard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._stop.set()
+            # An interrupt aimed at the operator must not land after it returned.
+            _set_async_exc(self._target, None)
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        interval = self.lease_ttl_s / HEARTBEATS_PER_LEASE
+        while not self._stop.wait(min(interval, self._until_deadline())):
+            if self.deadline is not None and utcnow() >= self.deadline:
+                self._interrupt("timed out")
+                return
+            try:
+                with self.db.transaction() as session:
+                    heartbeat_task(
+                        session, self.task_id, self.worker, self.attempt, self.lease_ttl_s
+                    )
+            except LeaseLost:
+                self._interrupt("lease lost")
+                return
+            except Exception:  # a missed beat is survivable: the lease outlasts two more
+                log.exception("heartbeat of task %s failed", self.task_id)
+
+    def _until_deadline(self) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return max((self.deadline - utcnow()).total_seconds(), 0.0)
+
+    def _interrupt(self, reason: str) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self.reason = reason
+            _set_async_exc(self._target, AttemptStopped)
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in thread ``thread_id`` at its next bytecode (None clears a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None
+    )
+
+
+def execute_task(task_id: str, attempt: int, settings: Settings | None = None) -> Any:
+    """Run attempt ``attempt`` of task ``task_id``; returns the operator's output.
+
+    Raises StaleAttempt when the attempt is not current (nothing ran), and the operator's
+    exception (after reporting it) when it fails.
+    """
+    settings = settings or Settings.from_env()
+    db = get_database(settings.database_url)
+    me = worker_id()
+    with db.transaction() as session:
+        task = claim_task(session, task_id, me, attempt, settings.lease_ttl_s)
+        if task is None:
+            raise StaleAttempt(f"attempt {attempt} of task {task_id} is not current")
+        operator, args, deadline = task.operator, dict(task.args), task.deadline_at
+    guard = _Guard(db, task_id, me, attempt, settings.lease_ttl_s, deadline)
+    try:
+        with guard:
+            output = operators.run(operator, args)
+    except AttemptStopped:
+        if guard.reason == "timed out":
+            _report_failure(db, task_id, me, attempt, f"timed out after its deadline {deadline}")
+        raise StaleAttempt(f"attempt {attempt} of task {task_id} stopped: {guard.reason}") from None
+    except Exception as exc:
+        _report_failure(db, task_id, me, attempt, f"{type(exc).__name__}: {exc}")
+        raise
+    try:
+        with db.transaction() as session:
+            succeed_task(session, task_id, me, attempt, output)
+    except LeaseLost as exc:
+        raise StaleAttempt(str(exc)) from None
+    return output
+
+
+def _report_failure(db: Database, task_id: str, worker: str, attempt: int, error: str) -> None:
+    try:
+        with db.transaction() as session:
+            fail_task(session, task_id, worker, attempt, error)
+    except LeaseLost:
+        log.warning("task %s attempt %d failed after losing its lease", task_id, attempt)
