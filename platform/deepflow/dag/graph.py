@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,21 +87,25 @@ class Dag:
 
 
 def _topological_order(tasks: dict[str, Node]) -> tuple[str, ...]:
-    """Kahn's algorithm in declaration order; on a cycle, raise naming one cycle's tasks."""
+    """Kahn's algorithm, always taking the earliest-declared ready task, so ties keep
+    declaration order; on a cycle, raise naming one cycle's tasks."""
+    position = {name: i for i, name in enumerate(tasks)}
     indegree = {name: len(node.upstream) for name, node in tasks.items()}
     children: dict[str, list[str]] = {name: [] for name in tasks}
     for name, node in tasks.items():
         for dep in node.upstream:
             children[dep].append(name)
-    ready = deque(name for name in tasks if indegree[name] == 0)
+    ready = [position[name] for name in tasks if indegree[name] == 0]
+    heapq.heapify(ready)
+    names = list(tasks)
     order: list[str] = []
     while ready:
-        name = ready.popleft()
+        name = names[heapq.heappop(ready)]
         order.append(name)
         for child in children[name]:
             indegree[child] -= 1
             if indegree[child] == 0:
-                ready.append(child)
+                heapq.heappush(ready, position[child])
     if len(order) < len(tasks):
         cycle = _find_cycle({n for n in tasks if indegree[n] > 0}, tasks)
         raise DagError(f"the tasks form a cycle: {' -> '.join(cycle)}", "spec.tasks", "dag_cycle")

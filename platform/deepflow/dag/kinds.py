@@ -90,7 +90,8 @@ def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
             operator="serve.register_instances",
             args=common,
             depends_on=[f"health_check_{i}" for i in range(spec.replicas)],
-            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            # Registers whichever replicas came up healthy (and fails if none did).
+            trigger_rule=TriggerRule.ALL_DONE,
         )
     )
     return tasks

@@ -2,8 +2,8 @@
 
 Pure: no database, no clock of its own. The store applies the decision it returns in one
 transaction; the orchestrator queues the ready tasks. Calling it again after applying a
-decision (and before any task changes) returns an empty decision, so it is safe to call on
-every event.
+decision (and before any task changes) decides nothing new about any task (a finished job
+reports the same final state again), so it is safe to call on every event.
 """
 
 from __future__ import annotations
