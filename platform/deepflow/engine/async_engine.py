@@ -57,7 +57,10 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request {request_id!r} already exists")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(lambda: self._admit(group))
+        if not self._submit(lambda: self._admit(group)):
+            with self._cond:
+                self._streams.pop(request_id, None)
+            self._check_alive()
         finished = False
         try:
             while not finished:
@@ -104,10 +107,11 @@ class AsyncLLMEngine:
         if self._stopped:
             raise EngineDeadError("the engine was shut down")
 
-    def _submit(self, command: Callable[[], None]) -> None:
+    def _submit(self, command: Callable[[], None]) -> bool:
+        """Queue a command for the loop thread (started on first use); False once it is dead."""
         with self._cond:
             if self._stopped or self.error is not None:
-                return
+                return False
             self._commands.append(command)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -115,6 +119,7 @@ class AsyncLLMEngine:
                 )
                 self._thread.start()
             self._cond.notify()
+            return True
 
     def _admit(self, group: SequenceGroup) -> None:
         try:

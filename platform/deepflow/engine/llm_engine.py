@@ -208,6 +208,8 @@ class LLMEngine:
         sampling = [c.seq for c in batch.chunks if c.needs_logits]
         logits = self.model_runner.execute(batch)
         self.scheduler.update(batch)
+        if not sampling:
+            return []
         seqs, rows = self._fork_samples(sampling)
         sampled = self.sampler(logits[rows], seqs, self.eos_token_ids)
         return self._postprocess(seqs, sampled)

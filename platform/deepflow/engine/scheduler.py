@@ -149,7 +149,9 @@ class Scheduler:
             for b in v.block_table
             if bm.ref_count(b) == 1 and b not in hit_set
         )
-        if not victims or bm.num_allocatable + reclaimable < -(-end // bm.block_size):
+        revived = sum(1 for b in hits if bm.ref_count(b) == 0)
+        needed = -(-end // bm.block_size) - len(hits) + revived
+        if not victims or bm.num_allocatable + reclaimable < needed:
             return False
         for victim in victims:
             if bm.can_admit(hits, end):

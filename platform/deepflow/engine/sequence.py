@@ -10,6 +10,7 @@ from deepflow.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from deepflow.engine.detokenizer import IncrementalDetokenizer
+    from deepflow.engine.sampler import Logprob
 
 
 class SequenceStatus(enum.Enum):
@@ -48,7 +49,7 @@ class Sequence:
         """A torch.Generator for seeded sampling, made by the sampler on the logits' device."""
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.detokenizer: IncrementalDetokenizer | None = None
 
