@@ -333,14 +333,18 @@ def test_from_model_rejects_unknown_options():
 # ---- acceptance: the real tiny model ----------------------------------------------------------
 @pytest.fixture
 def tiny_engine_factory(tiny_llama):
-    """make(**EngineConfig fields) -> LLMEngine on the real tiny Llama."""
+    """make(**EngineConfig fields) -> LLMEngine on the real tiny Llama; blocks checked after."""
+    engines = []
 
     def make(model=tiny_llama, **kwargs):
         kwargs.setdefault("num_kv_blocks", 64)
         kwargs.setdefault("block_size", 8)
-        return LLMEngine(EngineConfig(model=str(model), **kwargs))
+        engines.append(LLMEngine(EngineConfig(model=str(model), **kwargs)))
+        return engines[-1]
 
-    return make
+    yield make
+    for engine in engines:
+        assert_blocks_ok(engine)
 
 
 REAL_PROMPTS = ["Hello there, how are you", "The quick brown fox jumps", "Once upon", "a b c d e f"]

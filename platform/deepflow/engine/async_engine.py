@@ -92,7 +92,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        self._fail_all("the engine was shut down")
 
     async def __aenter__(self) -> AsyncLLMEngine:
         return self
@@ -144,7 +144,7 @@ class AsyncLLMEngine:
                     self._deliver_all(self.engine.step())
         except BaseException as exc:  # every stream must hear of it
             self.error = exc
-            self._fail_all(EngineDeadError(f"the engine loop died: {exc!r}"))
+            self._fail_all(f"the engine loop died: {exc!r}")
             with contextlib.suppress(Exception):  # best effort: give the blocks back
                 for request_id in list(self.engine.requests):
                     self.engine.abort(request_id)
@@ -165,8 +165,10 @@ class AsyncLLMEngine:
         except RuntimeError:  # the caller's loop is closed: nobody listens any more
             self.engine.abort(request_id)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, message: str) -> None:
         with self._cond:
             request_ids = list(self._streams)
         for request_id in request_ids:
+            error = EngineDeadError(message)
+            error.__cause__ = self.error
             self._deliver(request_id, error)

@@ -130,6 +130,8 @@ class LLMEngine:
         """Tokenise and validate without touching the engine (AsyncLLMEngine calls it from the
         event loop, so that errors reach the caller)."""
         params = SamplingParams() if params is None else params
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
