@@ -181,3 +181,13 @@ def hf_model():
         return cache[folder]
 
     return load
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run torch on one thread: tiny models gain nothing from two, and on a shared 2-core
+    machine a busy second core stalls every op (seen: 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

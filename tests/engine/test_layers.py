@@ -22,6 +22,7 @@ from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import MLP
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 hf_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
 
 

@@ -16,6 +16,8 @@ from deepflow.engine.loader import CheckpointError, checkpoint_files, load_weigh
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def build(folder: Path) -> DecoderForCausalLM:
     return DecoderForCausalLM(ModelConfig.from_folder(folder), 256)

@@ -17,6 +17,7 @@ from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence
 
 ATOL = 1e-4
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_seq(seq_id: int, token_ids: list[int], blocks: list[int], computed: int = 0) -> Sequence:

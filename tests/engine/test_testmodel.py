@@ -14,6 +14,7 @@ from deepflow.engine.loader import checkpoint_files
 from deepflow.engine.testmodel import SIZES, _shards, _tensor_plan, main, make_test_model
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
