@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -53,7 +54,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     """The first `length` positions of one sequence: [length, kv_heads, head_dim]."""
     block_size = cache.shape[1]
     blocks = block_table[: (length + block_size - 1) // block_size]
-    return cache[blocks].flatten(0, 1)[:length]
+    return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
 
 def attend(
@@ -64,16 +65,15 @@ def attend(
     q: [batch, queries, heads, dim]; k, v: [batch, keys, kv_heads, dim];
     mask: [batch, queries, keys], True where a query may look. Returns q's shape.
     """
-    b, n, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    qh = q.view(b, n, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
-    kh = k.permute(0, 2, 1, 3).unsqueeze(2)  # [b, kv_heads, 1, keys, dim]
-    vh = v.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vh)  # [b, kv_heads, group, n, dim]
-    return out.permute(0, 3, 1, 2, 4).reshape(b, n, heads, dim)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask.unsqueeze(1),
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
 
 
 def _decode_batch(
@@ -89,8 +89,8 @@ def _decode_batch(
     longest = int(lens.max())
     tables = block_tables[:, : (longest + block_size - 1) // block_size]
     # Padding slots hold stale but finite values (the cache starts zeroed); the mask hides them.
-    k = k_cache[tables].flatten(1, 2)
-    v = v_cache[tables].flatten(1, 2)
+    k = k_cache.index_select(0, tables.flatten()).view(len(tables), -1, *k_cache.shape[2:])
+    v = v_cache.index_select(0, tables.flatten()).view(len(tables), -1, *v_cache.shape[2:])
     mask = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
     return attend(q.unsqueeze(1), k, v, mask.unsqueeze(1), scale).squeeze(1)
 
