@@ -20,6 +20,11 @@ ATOL = 1e-4
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
+def cpu_config(folder: Path, **kwargs) -> EngineConfig:
+    """This file tests the CPU reference path, whatever accelerator the machine has."""
+    return EngineConfig(model=str(folder), device="cpu", **kwargs)
+
+
 def make_seq(seq_id: int, token_ids: list[int], blocks: list[int], computed: int = 0) -> Sequence:
     seq = Sequence(seq_id, str(seq_id), token_ids, SamplingParams())
     seq.block_table = list(blocks)
@@ -47,7 +52,7 @@ def arch(request: pytest.FixtureRequest) -> str:
 
 def test_whole_prompt_logits_match_transformers(tiny_model_dirs, hf_model, arch: str) -> None:
     folder = tiny_model_dirs[arch]
-    runner = ModelRunner(EngineConfig(model=str(folder), block_size=4, num_kv_blocks=64))
+    runner = ModelRunner(cpu_config(folder, block_size=4, num_kv_blocks=64))
     assert runner.device.type == "cpu" and runner.dtype == torch.float32
     ids = tokens(45, seed=1)
     seq = make_seq(0, ids, blocks=list(range(63, 51, -1)))  # 12 blocks, out of order
@@ -65,7 +70,7 @@ def test_whole_prompt_logits_match_transformers(tiny_model_dirs, hf_model, arch:
 def test_chunked_prefill_and_mixed_batch(tiny_model_dirs, hf_model, arch: str) -> None:
     folder = tiny_model_dirs[arch]
     hf = hf_model(folder)
-    runner = ModelRunner(EngineConfig(model=str(folder), block_size=4, num_kv_blocks=64))
+    runner = ModelRunner(cpu_config(folder, block_size=4, num_kv_blocks=64))
     a, b, c = tokens(37, 2), tokens(9, 3), tokens(16, 4)
     seq_a = make_seq(0, a, list(range(0, 10)))
     seq_b = make_seq(1, b, list(range(10, 13)))
@@ -89,7 +94,7 @@ def test_chunked_prefill_and_mixed_batch(tiny_model_dirs, hf_model, arch: str) -
 
 
 def test_block_copies_apply_before_the_step(tiny_llama: Path) -> None:
-    runner = ModelRunner(EngineConfig(model=str(tiny_llama), block_size=4, num_kv_blocks=16))
+    runner = ModelRunner(cpu_config(tiny_llama, block_size=4, num_kv_blocks=16))
     ids = tokens(10, 5)
     seq = make_seq(0, ids, [0, 1, 2])
     run(runner, (seq, 9))  # positions 0..8: block 2 holds position 8
@@ -126,9 +131,7 @@ def test_rope_variants_end_to_end(tiny_llama: Path, tmp_path: Path, variant: str
     (folder / "config.json").write_text(json.dumps(config))
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = tokens(100, 6)  # past max_position_embeddings, so the scaling matters
-    runner = ModelRunner(
-        EngineConfig(model=str(folder), block_size=8, num_kv_blocks=16, max_model_len=100)
-    )
+    runner = ModelRunner(cpu_config(folder, block_size=8, num_kv_blocks=16, max_model_len=100))
     seq = make_seq(0, ids, list(range(13)))
     input_ids, positions, meta, _ = runner.prepare([ScheduledChunk(seq, 100)])
     with torch.inference_mode():
@@ -138,21 +141,19 @@ def test_rope_variants_end_to_end(tiny_llama: Path, tmp_path: Path, variant: str
 
 def test_cache_sizing(tiny_llama: Path) -> None:
     per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, layers, block size, kv heads, head dim, fp32
-    runner = ModelRunner(
-        EngineConfig(model=str(tiny_llama), block_size=16, kv_cache_bytes=per_block * 37 + 5)
-    )
+    runner = ModelRunner(cpu_config(tiny_llama, block_size=16, kv_cache_bytes=per_block * 37 + 5))
     assert runner.bytes_per_block == per_block
     assert runner.num_blocks == 37
     assert runner.kv_cache.shape == (2, 2, 37, 16, 2, 16)
     assert runner.max_model_len == 2048
-    exact = ModelRunner(EngineConfig(model=str(tiny_llama), num_kv_blocks=5, max_model_len=256))
+    exact = ModelRunner(cpu_config(tiny_llama, num_kv_blocks=5, max_model_len=256))
     assert (exact.num_blocks, exact.max_model_len) == (5, 256)
     with pytest.raises(RuntimeError, match="less than one block"):
-        ModelRunner(EngineConfig(model=str(tiny_llama), kv_cache_bytes=100))
+        ModelRunner(cpu_config(tiny_llama, kv_cache_bytes=100))
 
 
 def test_bfloat16_on_the_cpu(tiny_qwen2: Path, hf_model) -> None:
-    runner = ModelRunner(EngineConfig(model=str(tiny_qwen2), dtype="bfloat16", num_kv_blocks=8))
+    runner = ModelRunner(cpu_config(tiny_qwen2, dtype="bfloat16", num_kv_blocks=8))
     assert runner.kv_cache.dtype == torch.bfloat16
     assert runner.model.model.norm.weight.dtype == torch.bfloat16
     ids = tokens(20, 7)
@@ -163,7 +164,7 @@ def test_bfloat16_on_the_cpu(tiny_qwen2: Path, hf_model) -> None:
 
 
 def test_edges(tiny_llama: Path) -> None:
-    runner = ModelRunner(EngineConfig(model=str(tiny_llama), num_kv_blocks=4))
+    runner = ModelRunner(cpu_config(tiny_llama, num_kv_blocks=4))
     assert run(runner).shape == (0, 512)
     with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        ModelRunner(EngineConfig(model=str(tiny_llama), tensor_parallel_size=2))
+        ModelRunner(cpu_config(tiny_llama, tensor_parallel_size=2))
