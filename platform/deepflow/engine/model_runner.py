@@ -3,7 +3,8 @@
 The step's chunks (prefill chunks and decodes, any mix) become one flat batch of new tokens,
 with each token's cache slot and each chunk's block table; the model writes the new K/V into
 the cache and attends over it. Graph capture and tensor parallelism will slot in behind
-`enforce_eager` and `tensor_parallel_size`; today every step runs eagerly on one device.
+`enforce_eager` and `tensor_parallel_size`: today every step runs eagerly (enforce_eager=False
+is accepted and changes nothing yet) and tensor_parallel_size > 1 is refused.
 """
 
 from __future__ import annotations

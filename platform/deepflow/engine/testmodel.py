@@ -75,42 +75,37 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    cls: str
+    specials: tuple[str, ...]  # trained first, so they take ids 0, 1, ...
+    bos: str | None
+    eos: str
+    chat_eos: str  # ends a chat turn; generation stops on it too
+    pad: str
+    template: str
+    tied: bool
+    bias: bool  # on q/k/v
+    theta: float
+
+
 ARCHS = {
-    # Special tokens are trained first, so they take ids 0, 1, ...
-    "llama": dict(
-        specials=[
-            "<|begin_of_text|>",
-            "<|end_of_text|>",
-            "<|pad|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-        ],
-        bos="<|begin_of_text|>",
-        eos="<|end_of_text|>",
-        pad="<|pad|>",
-        chat_eos="<|eot_id|>",
-        template=LLAMA_TEMPLATE,
-        tied=False,
-        bias=False,
-        theta=10000.0,
-        model_type="llama",
-        cls="LlamaForCausalLM",
+    "llama": Arch(
+        "llama", "LlamaForCausalLM",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|start_header_id|>",
+         "<|end_header_id|>", "<|eot_id|>"),
+        "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>",
+        LLAMA_TEMPLATE, tied=False, bias=False, theta=10000.0,
     ),
-    "qwen2": dict(
-        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        chat_eos="<|endoftext|>",
-        template=CHATML_TEMPLATE,
-        tied=True,
-        bias=True,
-        theta=1000000.0,
-        model_type="qwen2",
-        cls="Qwen2ForCausalLM",
+    "qwen2": Arch(
+        "qwen2", "Qwen2ForCausalLM", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None, "<|im_end|>", "<|endoftext|>", "<|endoftext|>",
+        CHATML_TEMPLATE, tied=True, bias=True, theta=1000000.0,
     ),
-}
+}  # fmt: skip
 
 
 # Qwen2's published split pattern: transformers rebuilds a qwen2 tokenizer around it, so the test
@@ -138,13 +133,13 @@ def train_tokenizer(arch: str, vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=spec["specials"],
+        special_tokens=list(spec.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train([str(CORPUS)], trainer)
-    if spec["bos"] is not None:
-        bos = (spec["bos"], tok.token_to_id(spec["bos"]))
+    if spec.bos is not None:
+        bos = (spec.bos, tok.token_to_id(spec.bos))
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B:1", special_tokens=[bos]
         )
@@ -168,7 +163,7 @@ def _tensor_plan(arch: str, size: Size) -> list[tuple[str, tuple[int, ...]]]:
             ("v", size.kv_heads * d),
         ):
             plan.append((f"{p}self_attn.{proj}_proj.weight", (rows, h)))
-            if spec["bias"]:
+            if spec.bias:
                 plan.append((f"{p}self_attn.{proj}_proj.bias", (rows,)))
         plan.append((p + "self_attn.o_proj.weight", (h, size.heads * d)))
         plan += [
@@ -177,7 +172,7 @@ def _tensor_plan(arch: str, size: Size) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.down_proj.weight", (h, size.intermediate)),
         ]
     plan.append(("model.norm.weight", (h,)))
-    if not spec["tied"]:
+    if not spec.tied:
         plan.append(("lm_head.weight", (size.vocab, h)))
     return plan
 
@@ -217,15 +212,15 @@ def _shards(plan: list[tuple[str, tuple[int, ...]]], count: int, layers: int) ->
 
 def _config(arch: str, size: Size, tok: Tokenizer) -> dict:
     spec = ARCHS[arch]
-    eos = [tok.token_to_id(spec["eos"]), tok.token_to_id(spec["chat_eos"])]
+    eos = [tok.token_to_id(spec.eos), tok.token_to_id(spec.chat_eos)]
     dtype = str(size.dtype).removeprefix("torch.")
     config = {
-        "architectures": [spec["cls"]],
-        "model_type": spec["model_type"],
+        "architectures": [spec.cls],
+        "model_type": spec.model_type,
         "attention_dropout": 0.0,
-        "bos_token_id": tok.token_to_id(spec["bos"] or spec["pad"]),
+        "bos_token_id": tok.token_to_id(spec.bos or spec.pad),
         "eos_token_id": eos,
-        "pad_token_id": tok.token_to_id(spec["pad"]),
+        "pad_token_id": tok.token_to_id(spec.pad),
         "head_dim": size.hidden // size.heads,
         "hidden_act": "silu",
         "hidden_size": size.hidden,
@@ -236,8 +231,8 @@ def _config(arch: str, size: Size, tok: Tokenizer) -> dict:
         "num_hidden_layers": size.layers,
         "num_key_value_heads": size.kv_heads,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": spec["theta"], "rope_type": "default"},
-        "tie_word_embeddings": spec["tied"],
+        "rope_parameters": {"rope_theta": spec.theta, "rope_type": "default"},
+        "tie_word_embeddings": spec.tied,
         "dtype": dtype,
         "transformers_version": TRANSFORMERS_VERSION,
         "use_cache": True,
@@ -260,12 +255,12 @@ def _write_tokenizer(folder: Path, arch: str, tok: Tokenizer, max_len: int) -> N
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": spec["bos"],
-        "eos_token": spec["eos"],
-        "pad_token": spec["pad"],
+        "bos_token": spec.bos,
+        "eos_token": spec.eos,
+        "pad_token": spec.pad,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
-        "chat_template": spec["template"],
+        "chat_template": spec.template,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -297,7 +292,7 @@ def make_test_model(
             if len(groups) == 1
             else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         )
-        tensors = {n: _random(n, s, shape, spec["tied"], seed).to(shape.dtype) for n, s in group}
+        tensors = {n: _random(n, s, shape, spec.tied, seed).to(shape.dtype) for n, s in group}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map |= dict.fromkeys(tensors, file)
