@@ -111,7 +111,7 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device.torch_device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
+    def _to_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         tensor = torch.tensor(values, dtype=torch.int64)
         if self.device.is_accelerator:
             return tensor.pin_memory().to(self.device.torch_device, non_blocking=True)

@@ -122,8 +122,8 @@ def paged_attention(
         v = gather_kv(v_cache, meta.block_tables[i], length)
         positions = torch.arange(start, length, device=q.device)
         mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
-        rows = slice(offsets[i], offsets[i] + n)
-        out[rows] = attend(q[rows][None], k[None], v[None], mask[None], scale)[0]
+        span = slice(offsets[i], offsets[i] + n)
+        out[span] = attend(q[span][None], k[None], v[None], mask[None], scale)[0]
     return out
 
 

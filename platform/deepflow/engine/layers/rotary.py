@@ -84,7 +84,7 @@ def rope_inv_freq(
 ) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [head_dim / 2] in float32, scale applied to cos and sin)."""
     kind = "default" if scaling is None else scaling["rope_type"]
-    if kind == "default":
+    if scaling is None or kind == "default":
         return _default(theta, head_dim), 1.0
     if kind == "linear":
         return _default(theta, head_dim) / scaling["factor"], 1.0
@@ -111,6 +111,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for a step's positions once; every layer then applies them."""
+
+    inv_freq: torch.Tensor
 
     def __init__(
         self,

@@ -133,7 +133,7 @@ class DecoderForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [m for m in self.modules() if isinstance(m, Attention)]
 
     def checkpoint_tensors(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
         """Every tensor name a checkpoint must hold -> (parameter, output rows it fills or None)."""
