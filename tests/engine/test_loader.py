@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ def test_sharded_load_fills_every_parameter(tiny_model_dirs: dict[str, Path], ar
     load_weights(model, folder)
     assert not any(p.isnan().any() for p in model.parameters())
     stored = all_tensors(folder)
-    attn = model.model.layers[1].self_attn.qkv_proj
+    layers: list[Any] = list(model.model.layers)
+    attn = layers[1].self_attn.qkv_proj
     assert torch.equal(
         attn.weight[attn.parts["k_proj"]], stored["model.layers.1.self_attn.k_proj.weight"]
     )
@@ -61,7 +63,7 @@ def test_sharded_load_fills_every_parameter(tiny_model_dirs: dict[str, Path], ar
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
     else:
         assert torch.equal(model.lm_head.weight, stored["lm_head.weight"])
-    mlp = model.model.layers[0].mlp.gate_up_proj
+    mlp = layers[0].mlp.gate_up_proj
     assert torch.equal(
         mlp.weight[mlp.parts["up_proj"]], stored["model.layers.0.mlp.up_proj.weight"]
     )

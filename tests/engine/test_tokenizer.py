@@ -69,7 +69,7 @@ def test_special_tokens(tiny_llama: Path, tiny_qwen2: Path) -> None:
     assert qwen.bos_token_id is None
     assert qwen.encode("hi") == qwen.encode("hi", add_special_tokens=False)
     assert [qwen.id_to_token(i) for i in qwen.eos_token_ids] == ["<|im_end|>", "<|endoftext|>"]
-    assert qwen.id_to_token(qwen.pad_token_id) == "<|endoftext|>"
+    assert qwen.pad_token_id is not None and qwen.id_to_token(qwen.pad_token_id) == "<|endoftext|>"
 
 
 def test_ids_past_the_tokenizer_vocab_decode_to_nothing(tiny_llama: Path) -> None:
