@@ -46,7 +46,7 @@ def make_prompts(tokenizer: Tokenizer, count: int, seed: int) -> list[list[int]]
 
 
 def run_flowserve(folder: Path, prompts: list[list[int]], max_tokens: int) -> tuple[float, list]:
-    llm = LLM(str(folder), enable_prefix_caching=False)
+    llm = LLM(str(folder), device="cpu", enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     start = time.perf_counter()
