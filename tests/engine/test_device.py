@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -100,4 +101,5 @@ def test_engine_imports_without_transformers() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in web]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE.parents[2])
+    env = {**os.environ, "PYTHONPATH": str(ENGINE.parents[1])}  # the contract's PYTHONPATH=platform
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE.parents[2], env=env)
