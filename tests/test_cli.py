@@ -61,30 +61,54 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
-def test_up_serves_the_api_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """The Quick start's first command: everything on the embedded defaults (SQLite, the
+    filesystem broker, a Prefect server of its own), then a dag job to succeeded."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
-        env=_env(tmp_path),
+        env=_env(tmp_path, DEEPFLOW_PREFECT_PORT=str(free_port())),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
         lines: list[str] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 150
         assert proc.stdout is not None
         while not any("Ctrl-C" in line for line in lines):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
             lines.append(proc.stdout.readline())
         banner = "".join(lines)
         key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
-        assert "lease reconciler healthy" in re.sub(r"\s+", " ", banner)
+        flat = re.sub(r"\s+", " ", banner)
+        for part in ("lease reconciler", "prefect server", "flow runner", "cpu worker 0"):
+            assert f"{part} healthy" in flat, banner
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/health").json() == {"status": "ok"}
-        body = {"kind": "dag", "spec": {"tasks": [{"name": "a", "operator": "noop"}]}}
-        r = httpx.post(f"{base}/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {
+            "kind": "dag",
+            "spec": {
+                "tasks": [
+                    {"name": "a", "operator": "echo", "args": {"x": 1}},
+                    {"name": "b", "operator": "noop", "depends_on": ["a"]},
+                ]
+            },
+        }
+        r = httpx.post(f"{base}/v1/jobs", json=body, headers=auth)
         assert r.status_code == 201
+        job_id = r.json()["id"]
+        assert r.json()["flow_run_id"], "the API should have started the job's flow run"
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth).json())["state"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "succeeded", job
+        assert job["tasks"][0]["output"] == {"x": 1}
         assert (tmp_path / "api_key").read_text().strip() == key
     finally:
         proc.send_signal(signal.SIGINT)

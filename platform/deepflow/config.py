@@ -77,6 +77,23 @@ class Settings:
             operator_modules=os.environ.get("DEEPFLOW_OPERATORS", ""),
         )
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables ``from_env`` reads, for children."""
+        env = {
+            "DEEPFLOW_HOME": str(self.home),
+            "DEEPFLOW_DATABASE_URL": self.database_url,
+            "DEEPFLOW_BROKER_URL": self.broker_url,
+            "DEEPFLOW_API_HOST": self.api_host,
+            "DEEPFLOW_API_PORT": str(self.api_port),
+            "DEEPFLOW_PREFECT_PORT": str(self.prefect_port),
+            "DEEPFLOW_LEASE_TTL_S": str(self.lease_ttl_s),
+            "DEEPFLOW_RECONCILE_INTERVAL_S": str(self.reconcile_interval_s),
+            "DEEPFLOW_OPERATORS": self.operator_modules,
+        }
+        if self.prefect_api_url:
+            env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url
+        return env
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")

@@ -1,16 +1,16 @@
 """``deepflow up``: the whole platform on one machine, on the embedded defaults.
 
-Starts, in order: a Prefect server (``prefect server start``, SQLite, telemetry off), the
-Prefect runner that serves our job-kind deployments, a Celery worker for the ``cpu`` queue
-on the configured broker (kombu's filesystem transport by default), then the API with the
-lease reconciler and job dispatcher beside it. It prints the URLs, an API key and each
-part's health, and stops everything on Ctrl-C. Each child's output goes to
-``DEEPFLOW_HOME/logs/<part>.log``. With DEEPFLOW_PREFECT_API_URL set, an existing Prefect
-server is used instead of starting one.
+``Stack`` starts the parts as child processes: a Prefect server (``prefect server start``,
+SQLite, telemetry off), the Prefect runner that serves our job-kind deployments, and Celery
+workers on the configured broker (kombu's filesystem transport by default). ``up`` adds the
+API with the lease reconciler and job dispatcher in its own process, prints the URLs, an
+API key and each part's health, and stops everything on Ctrl-C. Each child's output goes to
+``DEEPFLOW_HOME/logs/<part>.log``. Integration tests and benchmarks use the same ``Stack``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from alembic.script import ScriptDirectory
 
 from deepflow.api import create_app
 from deepflow.config import Settings
-from deepflow.dispatch import Dispatcher
+from deepflow.dispatch import Dispatcher, deployment_name
 from deepflow.store import Reconciler, authenticate, create_api_key, get_database, schema
 
 DEFAULT_TENANT = "default"
@@ -66,39 +66,32 @@ def ensure_local_key(settings: Settings) -> str:
     return key
 
 
-def prefect_env(settings: Settings, api_url: str) -> dict[str, str]:
-    """Environment for the Prefect server and every process that talks to it."""
-    home = settings.home / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api_url,
-        "DEEPFLOW_PREFECT_API_URL": api_url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    }
-
-
 @dataclass
 class Part:
-    """A child process of ``up``."""
+    """A child process of the stack."""
 
     name: str
     argv: list[str]
     log: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str]) -> Part:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        return self
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the part and everything it started (a crash, not a shutdown)."""
+        if self.proc is not None and self.alive:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
 
     def stop(self, grace_s: float = 15.0) -> None:
         if not self.alive:
@@ -108,8 +101,7 @@ class Part:
         try:
             self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
+            self.kill()
 
 
 def wait_healthy(url: str, part: Part | None, timeout_s: float) -> None:
@@ -130,85 +122,109 @@ def _deepflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "deepflow.cli", *args]
 
 
+class Stack:
+    """The platform's processes for one Settings; every child gets the same environment."""
+
+    def __init__(self, settings: Settings, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.logs = settings.ensure_home() / "logs"
+        self.parts: list[Part] = []
+        self.extra_env = extra_env or {}
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **self.settings.to_env(), **self.extra_env}
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        if self.settings.prefect_api_url:
+            env["PREFECT_API_URL"] = self.settings.prefect_api_url
+        return env
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Part:
+        log = self.logs / f"{name.replace(' ', '-')}.log"
+        part = Part(name, argv, log).start(env or self.env())
+        self.parts.append(part)
+        return part
+
+    def start_prefect_server(self) -> str:
+        """Start a Prefect server on ``prefect_port``; returns its API URL (also adopted by
+        this stack's settings, so later parts talk to it)."""
+        home = self.settings.home / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        url = f"http://127.0.0.1:{self.settings.prefect_port}/api"
+        env = {
+            **self.env(),
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_API_URL": url,
+        }
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        port = str(self.settings.prefect_port)
+        part = self._start(
+            "prefect server",
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", port],
+            env,
+        )
+        wait_healthy(f"{url}/health", part, PREFECT_START_TIMEOUT_S)
+        self.settings = dataclasses.replace(self.settings, prefect_api_url=url)
+        return url
+
+    def start_flow_runner(self, timeout_s: float = 120.0) -> Part:
+        """Start the runner and wait until it has registered our deployments."""
+        part = self._start("flow runner", _deepflow("flows", "serve"))
+        url = f"{self.settings.prefect_api_url}/deployments/name/{deployment_name('dag')}"
+        wait_healthy(url, part, timeout_s)
+        return part
+
+    def start_worker(self, queues: str = "cpu", concurrency: int | None = None) -> Part:
+        argv = _deepflow("worker", "--queues", queues)
+        if concurrency is not None:
+            argv += ["--concurrency", str(concurrency)]
+        n = sum(p.name.startswith(f"{queues} worker") for p in self.parts)
+        return self._start(f"{queues} worker {n}", argv)
+
+    def stop(self) -> None:
+        for part in reversed(self.parts):
+            part.stop()
+
+
 def up(settings: Settings, host: str | None = None, port: int | None = None) -> int:
-    host = host or settings.api_host
-    port = port or settings.api_port
-    home = settings.ensure_home()
+    settings = dataclasses.replace(
+        settings, api_host=host or settings.api_host, api_port=port or settings.api_port
+    )
     schema.upgrade(settings.database_url)
     key = ensure_local_key(settings)
-    logs = home / "logs"
-    parts: list[Part] = []
-    external_prefect = settings.prefect_api_url
-    prefect_url = external_prefect or f"http://127.0.0.1:{settings.prefect_port}/api"
-    env = {**os.environ, **prefect_env(settings, prefect_url), "DEEPFLOW_HOME": str(home)}
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "DEEPFLOW_PREFECT_API_URL")})
-    settings = Settings.from_env()
+    stack = Stack(settings)
     try:
-        if external_prefect:
-            wait_healthy(f"{prefect_url}/health", None, 10)
+        if settings.prefect_api_url:
+            wait_healthy(f"{settings.prefect_api_url}/health", None, 10)
         else:
-            server = Part(
-                "prefect server",
-                [
-                    str(Path(sys.executable).with_name("prefect")),
-                    *("server", "start", "--host", "127.0.0.1"),
-                    *("--port", str(settings.prefect_port)),
-                ],
-                logs / "prefect-server.log",
-            )
-            parts.append(server)
-            server.start(env)
-            print(f"starting Prefect server (log: {server.log}) ...", flush=True)
-            wait_healthy(f"{prefect_url}/health", server, PREFECT_START_TIMEOUT_S)
-        for part in (
-            Part("flow runner", _deepflow("flows", "serve"), logs / "flow-runner.log"),
-            Part("cpu worker", _deepflow("worker", "--queues", "cpu"), logs / "worker-cpu.log"),
-        ):
-            parts.append(part)
-            part.start(env)
-        return _serve_api(settings, host, port, key, parts)
+            print(f"starting a Prefect server (log in {stack.logs}) ...", flush=True)
+            stack.start_prefect_server()
+        stack.start_flow_runner()
+        stack.start_worker("cpu")
+        return _serve_api(stack, key)
     finally:
-        for part in reversed(parts):
-            part.stop()
+        stack.stop()
         print("DeepFlow stopped.", flush=True)
 
 
-def _serve_api(settings: Settings, host: str, port: int, key: str, parts: list[Part]) -> int:
+def _serve_api(stack: Stack, key: str) -> int:
+    settings = stack.settings
+    os.environ.update(stack.env())  # the API's own Prefect client reads PREFECT_API_URL
     db = get_database(settings.database_url)
     dispatcher = Dispatcher(db, settings.prefect_api_url) if settings.prefect_api_url else None
-    passes = [dispatcher.dispatch_pending] if dispatcher else []
-    reconciler = Reconciler(db, settings.reconcile_interval_s, passes)
+    reconciler = Reconciler(
+        db, settings.reconcile_interval_s, [dispatcher.dispatch_pending] if dispatcher else []
+    )
     reconciler.start()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, db), host=host, port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(settings, db),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+        )
     )
-    url = f"http://{host}:{port}"
-
-    def report() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if not server.started:
-            return
-        ui = (settings.prefect_api_url or "").removesuffix("/api")
-        print(f"DeepFlow is up (data in {settings.home})")
-        print(f"  API          {url}   (OpenAPI: {url}/openapi.json, docs: {url}/docs)")
-        print(f"  Prefect UI   {ui}")
-        print(f"  API key      {key}")
-        health = {"api": True, "lease reconciler": reconciler.healthy}
-        health |= {p.name: p.alive for p in parts}
-        for name, ok in health.items():
-            print(f"  {name:<16} {'healthy' if ok else 'NOT RUNNING'}")
-        print(f"  try          curl -s -H 'Authorization: Bearer {key}' {url}/v1/jobs")
-        print("Ctrl-C stops everything.", flush=True)
-        dead: set[str] = set()
-        while not server.should_exit:
-            for p in parts:
-                if not p.alive and p.name not in dead:
-                    dead.add(p.name)
-                    print(f"!! {p.name} exited; see {p.log}", flush=True)
-            time.sleep(1)
-
-    threading.Thread(target=report, daemon=True).start()
+    threading.Thread(target=_report, args=(stack, server, reconciler, key), daemon=True).start()
     try:
         server.run()
     except KeyboardInterrupt:
@@ -216,3 +232,30 @@ def _serve_api(settings: Settings, host: str, port: int, key: str, parts: list[P
     finally:
         reconciler.stop()
     return 0
+
+
+def _report(stack: Stack, server: uvicorn.Server, reconciler: Reconciler, key: str) -> None:
+    """Print the banner once the API answers, then say when a part dies."""
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if not server.started:
+        return
+    settings = stack.settings
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    print(f"DeepFlow is up (data in {settings.home})")
+    print(f"  API          {url}   (OpenAPI: {url}/openapi.json, docs: {url}/docs)")
+    print(f"  Prefect UI   {(settings.prefect_api_url or '').removesuffix('/api')}")
+    print(f"  API key      {key}")
+    health = {"api": True, "lease reconciler": reconciler.healthy}
+    health |= {p.name: p.alive for p in stack.parts}
+    for name, ok in health.items():
+        print(f"  {name:<16} {'healthy' if ok else 'NOT RUNNING'}")
+    print(f"  try          curl -s -H 'Authorization: Bearer {key}' {url}/v1/jobs")
+    print("Ctrl-C stops everything.", flush=True)
+    dead: set[str] = set()
+    while not server.should_exit:
+        for part in stack.parts:
+            if not part.alive and part.name not in dead:
+                dead.add(part.name)
+                print(f"!! {part.name} exited; see {part.log}", flush=True)
+        time.sleep(1)
