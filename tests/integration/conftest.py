@@ -1,0 +1,137 @@
+"""A whole platform of real processes per test module: a Prefect server, the flow runner,
+Celery workers, and the API with its reconciler and dispatcher (in this process).
+
+Two flavours: ``embedded`` (SQLite and kombu's filesystem broker, what ``deepflow up`` runs)
+and ``redis`` (PostgreSQL and Redis, as in production).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from deepflow.api import create_app
+from deepflow.config import Settings
+from deepflow.dispatch import Dispatcher
+from deepflow.launcher import Stack
+from deepflow.store import Database, Reconciler, create_api_key, schema
+from tests.api.conftest import free_port
+from tests.conftest import create_pg_database, drop_pg_database
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = 6
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Platform:
+    name: str
+    settings: Settings
+    stack: Stack
+    db: Database
+    url: str
+    key: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def post(self, spec: dict[str, Any], kind: str = "dag") -> dict[str, Any]:
+        r = httpx.post(
+            f"{self.url}/v1/jobs", json={"kind": kind, "spec": spec}, headers=self.headers()
+        )
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def job(self, job_id: str, key: str | None = None) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers(key))
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, timeout_s: float = 90, key: str | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while (job := self.job(job_id, key))["state"] not in TERMINAL:
+            assert time.monotonic() < deadline, f"job still {job['state']}: {job}"
+            time.sleep(0.2)
+        return job
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        r = httpx.get(
+            f"{self.url}/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=self.headers()
+        )
+        return r.json()["data"]  # type: ignore[no-any-return]
+
+
+def _serve_api(settings: Settings, db: Database) -> tuple[str, uvicorn.Server, Reconciler]:
+    assert settings.prefect_api_url
+    dispatcher = Dispatcher(db, settings.prefect_api_url)
+    reconciler = Reconciler(db, settings.reconcile_interval_s, [dispatcher.dispatch_pending])
+    reconciler.start()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, db), port=port, log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "API did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, reconciler
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    home = tmp_path_factory.mktemp(f"platform-{request.param}")
+    if request.param == "embedded":
+        database_url, broker_url = f"sqlite:///{home / 'deepflow.db'}", "filesystem://"
+    else:
+        database_url = create_pg_database("deepflow_it")
+        broker_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+        redis.Redis.from_url(broker_url).flushdb()
+    settings = Settings(
+        home=home,
+        database_url=database_url,
+        broker_url=broker_url,
+        prefect_port=free_port(),
+        lease_ttl_s=3.0,
+        reconcile_interval_s=0.5,
+        operator_modules="tests.integration.operators",
+    )
+    schema.upgrade(settings.database_url)
+    extra_env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    stack = Stack(settings, extra_env)
+    server = reconciler = None
+    try:
+        stack.start_prefect_server()
+        settings = stack.settings
+        stack.start_flow_runner()
+        stack.start_worker("cpu", concurrency=2)
+        db = Database(settings.database_url)
+        with db.transaction() as s:
+            _, key = create_api_key(s, "acme")
+        url, server, reconciler = _serve_api(settings, db)
+        yield Platform(request.param, settings, stack, db, url, key)
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if reconciler is not None:
+            reconciler.stop()
+        stack.stop()
+        if request.param == "redis":
+            drop_pg_database(database_url)
