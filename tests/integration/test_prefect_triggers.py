@@ -1,0 +1,92 @@
+"""Jobs started from Prefect's side: its HTTP API and a cron schedule on our deployment."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prefect import get_client
+from prefect.client.schemas.actions import DeploymentScheduleCreate
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from deepflow.dispatch import deployment_name
+from tests.integration.conftest import Platform
+
+pytestmark = pytest.mark.timeout(240)
+
+SPEC = {"tasks": [{"name": "hello", "operator": "echo", "args": {"from": "prefect"}}]}
+
+
+def _deployment_id(platform: Platform, kind: str = "dag") -> str:
+    url = f"{platform.settings.prefect_api_url}/deployments/name/{deployment_name(kind)}"
+    return httpx.get(url).json()["id"]  # type: ignore[no-any-return]
+
+
+def _jobs(platform: Platform) -> list[dict[str, Any]]:
+    r = httpx.get(f"{platform.url}/v1/jobs", params={"limit": 100}, headers=platform.headers())
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
+def test_flow_run_from_prefects_http_api_creates_our_job(platform: Platform) -> None:
+    deployment = _deployment_id(platform)
+    url = f"{platform.settings.prefect_api_url}/deployments/{deployment}/create_flow_run"
+    for _ in range(10):  # 503 means "retry" in Prefect's API (SQLite busy); its client retries
+        r = httpx.post(url, json={"parameters": {"spec": SPEC, "tenant": "acme"}})
+        if r.status_code != 503:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 201, r.text
+    flow_run_id = r.json()["id"]
+    deadline = time.monotonic() + 90
+    while not (mine := [j for j in _jobs(platform) if j["flow_run_id"] == flow_run_id]):
+        assert time.monotonic() < deadline, "no job appeared for the flow run"
+        time.sleep(0.5)
+    job = platform.wait(mine[0]["id"])
+    assert job["state"] == "succeeded" and job["kind"] == "dag"
+    assert job["tasks"][0]["output"] == {"from": "prefect"}
+
+
+def test_cron_schedule_creates_jobs_on_time(platform: Platform) -> None:
+    if platform.name != "embedded":
+        pytest.skip("one flavour is enough: the schedule lives in Prefect, not in our broker")
+    deployment = _deployment_id(platform)
+    spec = {"tasks": [{"name": "tick", "operator": "noop"}]}
+    with temporary_settings({PREFECT_API_URL: platform.settings.prefect_api_url}):
+        client = get_client(sync_client=True)
+    with client:
+        before = {j["id"] for j in _jobs(platform)}
+        (schedule,) = client.create_deployment_schedules(
+            deployment,  # type: ignore[arg-type]
+            [
+                DeploymentScheduleCreate(
+                    schedule=CronSchedule(cron="* * * * * */5"),  # croniter: seconds last; every 5 s
+                    active=True,
+                    parameters={"spec": spec, "tenant": "acme"},
+                )
+            ],
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while len(new := [j for j in _jobs(platform) if j["id"] not in before]) < 2:
+                assert time.monotonic() < deadline, f"only {len(new)} scheduled job(s) appeared"
+                time.sleep(0.5)
+        finally:
+            client.delete_deployment_schedule(deployment, schedule.id)  # type: ignore[arg-type]
+        for job in new[:2]:
+            run = client.read_flow_run(job["flow_run_id"])
+            assert run.auto_scheduled and run.expected_start_time is not None
+            created = httpx.get(
+                f"{platform.url}/v1/jobs/{job['id']}", headers=platform.headers()
+            ).json()["created_at"]
+            lag = _seconds(created) - run.expected_start_time.timestamp()
+            assert -1 < lag < 30, f"job created {lag:.1f}s after its scheduled time"
+            assert platform.wait(job["id"])["state"] == "succeeded"
+
+
+def _seconds(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
