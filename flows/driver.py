@@ -20,10 +20,9 @@ from typing import Any
 from prefect import task
 from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, State
-from sqlalchemy import select
 
-from deepflow.dag import TaskState
-from deepflow.store import Database, Job, Task, advance_job, queue_task
+from deepflow.dag import Dag, TaskState
+from deepflow.store import Database, Job, Task, drive_job, job_dag
 from deepflow.store.types import utcnow
 from workers.execute import StaleAttempt, execute_task
 from workers.prefect_celery import CeleryTaskRunner
@@ -39,8 +38,8 @@ REDISPATCH_AFTER_S = 600.0
 
 
 @task(name="deepflow-task", persist_result=False)
-def run_attempt(task_id: str, attempt: int) -> Any:
-    """The Prefect task a worker runs: one attempt of one of our tasks."""
+def run_attempt(task_id: str, attempt: int, queue: str) -> Any:
+    """The Prefect task a worker runs: one attempt of one of our tasks (``queue`` routes it)."""
     try:
         return execute_task(task_id, attempt)
     except StaleAttempt as exc:
@@ -61,6 +60,7 @@ class JobDriver:
     runner: CeleryTaskRunner
     poll_s: float = POLL_S
     redispatch_after_s: float = REDISPATCH_AFTER_S
+    _dag: Dag | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _sent: dict[str, _Sent] = field(default_factory=dict)
 
@@ -82,21 +82,17 @@ class JobDriver:
 
     def _advance(self) -> tuple[Job, list[Task], list[Task]]:
         with self.db.transaction() as session:
-            decision = advance_job(session, self.job_id)
-            job = session.get(Job, self.job_id)
-            assert job is not None
-            tasks = list(session.execute(select(Task).where(Task.job_id == self.job_id)).scalars())
-            by_name = {t.name: t for t in tasks}
-            started = [queue_task(session, by_name[name].id) for name in decision.ready]
-        return job, tasks, started
+            if self._dag is None:
+                self._dag = job_dag(session, self.job_id)[0]
+            step = drive_job(session, self.job_id, self._dag)
+        return step.job, step.tasks, step.queued
 
     def _send(self, row: Task) -> None:
         prefect_task = run_attempt.with_options(
-            name=row.name,
-            task_run_name=f"{row.name} #{row.attempt}",
-            tags=[f"queue:{row.resource_class.value}", f"deepflow-job:{self.job_id}"],
+            name=row.name, task_run_name=f"{row.name} #{row.attempt}"
         )
-        future = self.runner.submit(prefect_task, {"task_id": row.id, "attempt": row.attempt})
+        parameters = {"task_id": row.id, "attempt": row.attempt, "queue": row.resource_class.value}
+        future = self.runner.submit(prefect_task, parameters)
         future.add_done_callback(lambda _: self._wake.set())
         self._sent[row.id] = _Sent(row.attempt, future, utcnow())
 
@@ -119,6 +115,12 @@ class JobDriver:
             if t.state is TaskState.UP_FOR_RETRY and t.next_attempt_at is not None:
                 timeout = min(timeout, max((t.next_attempt_at - now).total_seconds(), 0.01))
         return timeout
+
+
+def route_by_queue_parameter(task: Any, parameters: dict[str, Any]) -> str | None:
+    """Send each attempt to its resource class's queue (no tags: see CeleryTaskRunner)."""
+    queue = parameters.get("queue")
+    return queue if isinstance(queue, str) else None
 
 
 def final_state(job: Job) -> State[Any] | dict[str, Any] | None:

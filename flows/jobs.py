@@ -15,7 +15,7 @@ from prefect.states import State
 from deepflow import dag, store
 from deepflow.config import Settings
 from deepflow.dag import operators
-from flows.driver import JobDriver, final_state
+from flows.driver import JobDriver, final_state, route_by_queue_parameter
 from workers.app import make_app
 from workers.prefect_celery import CeleryTaskRunner
 
@@ -43,6 +43,9 @@ def run_job_flow(
         job_id = create_job_for_flow_run(db, kind, spec, tenant, flow_run_id)
     with db.transaction() as session:
         store.attach_flow_run(session, job_id, flow_run_id)
-    with CeleryTaskRunner(make_app(settings), default_queue="cpu") as runner:
+    runner = CeleryTaskRunner(
+        make_app(settings), default_queue="cpu", route=route_by_queue_parameter
+    )
+    with runner:
         job = JobDriver(db, job_id, runner).run()
     return final_state(job)

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deepflow.launcher import free_port
 from deepflow.store import Database, authenticate
-from tests.api.conftest import free_port
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

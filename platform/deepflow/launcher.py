@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +28,14 @@ from alembic.script import ScriptDirectory
 from deepflow.api import create_app
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
-from deepflow.store import Reconciler, authenticate, create_api_key, get_database, schema
+from deepflow.store import (
+    Database,
+    Reconciler,
+    authenticate,
+    create_api_key,
+    get_database,
+    schema,
+)
 
 DEFAULT_TENANT = "default"
 PREFECT_START_TIMEOUT_S = 120.0
@@ -184,6 +192,48 @@ class Stack:
     def stop(self) -> None:
         for part in reversed(self.parts):
             part.stop()
+
+
+class ApiThread:
+    """The API, with its reconciler and dispatcher, served from a thread of this process
+    (tests and benchmarks; ``up`` serves it in the main thread)."""
+
+    def __init__(self, settings: Settings, db: Database | None = None, port: int = 0) -> None:
+        self.db = db or get_database(settings.database_url)
+        dispatcher = (
+            Dispatcher(self.db, settings.prefect_api_url) if settings.prefect_api_url else None
+        )
+        self.reconciler = Reconciler(
+            self.db,
+            settings.reconcile_interval_s,
+            [dispatcher.dispatch_pending] if dispatcher else [],
+        )
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(settings, self.db)
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> ApiThread:
+        self.reconciler.start()
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self.reconciler.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def up(settings: Settings, host: str | None = None, port: int | None = None) -> int:

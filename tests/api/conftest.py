@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from deepflow.api import create_app
 from deepflow.config import Settings
+from deepflow.launcher import free_port
 from deepflow.store import Database, create_api_key
 
 
@@ -39,12 +39,6 @@ def api(db: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]
         _, other = create_api_key(s, "globex")
     with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
         yield Api(client, db, key, other)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ and ``redis`` (PostgreSQL and Redis, as in production).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,14 +17,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 
-from deepflow.api import create_app
 from deepflow.config import Settings
-from deepflow.dispatch import Dispatcher
-from deepflow.launcher import Stack
-from deepflow.store import Database, Reconciler, create_api_key, schema
-from tests.api.conftest import free_port
+from deepflow.launcher import ApiThread, Stack, free_port
+from deepflow.store import Database, create_api_key, schema
 from tests.conftest import create_pg_database, drop_pg_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,23 +66,6 @@ class Platform:
         return r.json()["data"]  # type: ignore[no-any-return]
 
 
-def _serve_api(settings: Settings, db: Database) -> tuple[str, uvicorn.Server, Reconciler]:
-    assert settings.prefect_api_url
-    dispatcher = Dispatcher(db, settings.prefect_api_url)
-    reconciler = Reconciler(db, settings.reconcile_interval_s, [dispatcher.dispatch_pending])
-    reconciler.start()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, db), port=port, log_level="warning")
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "API did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, reconciler
-
-
 @pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
 def platform(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -116,7 +94,7 @@ def platform(
         "PREFECT_UI_ENABLED": "false",
     }
     stack = Stack(settings, extra_env)
-    server = reconciler = None
+    api = None
     try:
         stack.start_prefect_server()
         settings = stack.settings
@@ -125,13 +103,11 @@ def platform(
         db = Database(settings.database_url)
         with db.transaction() as s:
             _, key = create_api_key(s, "acme")
-        url, server, reconciler = _serve_api(settings, db)
-        yield Platform(request.param, settings, stack, db, url, key)
+        api = ApiThread(settings, db).start()
+        yield Platform(request.param, settings, stack, db, api.url, key)
     finally:
-        if server is not None:
-            server.should_exit = True
-        if reconciler is not None:
-            reconciler.stop()
+        if api is not None:
+            api.stop()
         stack.stop()
         if request.param == "redis":
             drop_pg_database(database_url)

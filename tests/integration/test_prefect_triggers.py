@@ -62,7 +62,9 @@ def test_cron_schedule_creates_jobs_on_time(platform: Platform) -> None:
             deployment,  # type: ignore[arg-type]
             [
                 DeploymentScheduleCreate(
-                    schedule=CronSchedule(cron="* * * * * */5"),  # croniter: seconds last; every 5 s
+                    schedule=CronSchedule(
+                        cron="* * * * * */5"
+                    ),  # croniter: seconds last; every 5 s
                     active=True,
                     parameters={"spec": spec, "tenant": "acme"},
                 )

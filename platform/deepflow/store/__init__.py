@@ -15,10 +15,12 @@ from deepflow.store.instances import (
 )
 from deepflow.store.jobs import (
     JobPage,
+    Pass,
     advance_job,
     attach_flow_run,
     cancel_job,
     create_job,
+    drive_job,
     job_dag,
     list_jobs,
     read_job,
@@ -74,6 +76,7 @@ __all__ = [
     "ModelVersion",
     "ModelVersionState",
     "NotFound",
+    "Pass",
     "Reconciler",
     "Request",
     "Task",
@@ -87,6 +90,7 @@ __all__ = [
     "create_api_key",
     "create_instance",
     "create_job",
+    "drive_job",
     "ensure_tenant",
     "expire_leases",
     "fail_task",

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 from deepflow.dag import Dag, Decision, JobState, Node, Plan, TaskState, evaluate
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.orm import Event, Job, Request, Task, TaskEdge
+from deepflow.store.tasks import queue_task
 from deepflow.store.transitions import lock, record_event, set_job_state, set_task_state
 from deepflow.store.types import new_id, utcnow
 
@@ -203,8 +204,8 @@ def cancel_job(
         )
     for task in session.execute(select(Task).where(Task.job_id == job_id)).scalars():
         if not task.state.is_terminal:
-            set_task_state(session, task.id, TaskState.CANCELLED, reason=reason)
-    return set_job_state(session, job_id, JobState.CANCELLED, reason=reason)
+            set_task_state(session, task, TaskState.CANCELLED, reason=reason)
+    return set_job_state(session, job, JobState.CANCELLED, reason=reason)
 
 
 def attach_flow_run(session: Session, job_id: str, flow_run_id: str) -> Job:
@@ -233,32 +234,67 @@ def job_dag(session: Session, job_id: str) -> tuple[Dag, list[Task]]:
     return Dag.from_nodes(nodes), tasks
 
 
-def advance_job(session: Session, job_id: str, now: datetime | None = None) -> Decision:
+def advance_job(
+    session: Session, job_id: str, now: datetime | None = None, dag: Dag | None = None
+) -> Decision:
     """Apply the ready-set function to a job: write skips, upstream failures and the job's
-    final state; return the decision (its ``ready`` tasks are for the orchestrator to queue)."""
+    final state; return the decision (its ``ready`` tasks are for the orchestrator to queue).
+    A caller that advances the same job often passes its ``dag`` (it never changes)."""
     job = lock(session, Job, job_id)
     if job.state.is_terminal:
         return Decision()
-    dag, tasks = job_dag(session, job_id)
+    if dag is None:
+        dag, tasks = job_dag(session, job_id)
+    else:
+        tasks = _tasks(session, job_id)
+    return _apply(session, job, dag, tasks, now or utcnow())
+
+
+@dataclass(slots=True)
+class Pass:
+    """One pass of a job's driver: the job and its tasks after the pass, and the attempts it
+    queued (each to be sent to its queue)."""
+
+    job: Job
+    tasks: list[Task]
+    queued: list[Task]
+
+
+def drive_job(session: Session, job_id: str, dag: Dag, now: datetime | None = None) -> Pass:
+    """``advance_job`` and queue a new attempt of every ready task, in one transaction that
+    holds the job's lock (which guards all its tasks), reading each row once."""
+    job = lock(session, Job, job_id)
+    tasks = _tasks(session, job_id)
+    if job.state.is_terminal:
+        return Pass(job, tasks, [])
+    decision = _apply(session, job, dag, tasks, now or utcnow())
+    by_name = {t.name: t for t in tasks}
+    return Pass(job, tasks, [queue_task(session, by_name[name]) for name in decision.ready])
+
+
+def _tasks(session: Session, job_id: str) -> list[Task]:
+    stmt = select(Task).where(Task.job_id == job_id).order_by(Task.position)
+    return list(session.execute(stmt, execution_options={"populate_existing": True}).scalars())
+
+
+def _apply(session: Session, job: Job, dag: Dag, tasks: list[Task], now: datetime) -> Decision:
     by_name = {t.name: t for t in tasks}
     decision = evaluate(
         dag,
         {t.name: t.state for t in tasks},
-        now=now or utcnow(),
+        now=now,
         retry_at={t.name: t.next_attempt_at for t in tasks},
     )
     for name in decision.skipped:
-        set_task_state(session, by_name[name].id, TaskState.SKIPPED, reason="trigger rule")
+        set_task_state(session, by_name[name], TaskState.SKIPPED, reason="trigger rule")
     for name in decision.upstream_failed:
-        set_task_state(
-            session, by_name[name].id, TaskState.UPSTREAM_FAILED, reason="upstream failed"
-        )
+        set_task_state(session, by_name[name], TaskState.UPSTREAM_FAILED, reason="upstream failed")
     if decision.job_state is JobState.SUCCEEDED:
         job.result = {"outputs": {leaf: by_name[leaf].output for leaf in dag.leaves}}
         if job.state is not JobState.RUNNING:
-            set_job_state(session, job_id, JobState.RUNNING)
-        set_job_state(session, job_id, JobState.SUCCEEDED)
+            set_job_state(session, job, JobState.RUNNING)
+        set_job_state(session, job, JobState.SUCCEEDED)
     elif decision.job_state is JobState.FAILED:
         failed = [t.name for t in tasks if t.state is TaskState.FAILED]
-        set_job_state(session, job_id, JobState.FAILED, reason=f"failed tasks: {', '.join(failed)}")
+        set_job_state(session, job, JobState.FAILED, reason=f"failed tasks: {', '.join(failed)}")
     return decision

@@ -123,7 +123,8 @@ class Job(Base):
     request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"), unique=True)
     kind: Mapped[str] = mapped_column(String(40))
     state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.PENDING)
-    spec: Mapped[dict[str, Any]]
+    spec: Mapped[dict[str, Any]] = mapped_column(deferred=True)
+    """Loaded on access: a large DAG's spec is big, and workers and drivers never need it."""
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))

@@ -11,11 +11,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from deepflow.dag import JobState, TaskState
 from deepflow.store.orm import Job, Task
-from deepflow.store.transitions import lock_task, set_job_state, set_task_state
+from deepflow.store.transitions import lock, lock_task, set_job_state, set_task_state
 from deepflow.store.types import utcnow
 
 
@@ -23,13 +24,15 @@ class LeaseLost(RuntimeError):
     """The caller no longer holds the task's lease (it expired, or the task was cancelled)."""
 
 
-def queue_task(session: Session, task_id: str) -> Task:
+def queue_task(session: Session, task: str | Task) -> Task:
     """Start a new attempt: pending or up_for_retry -> queued. The caller then sends
-    (task id, ``task.attempt``) to the task's resource-class queue."""
-    task = lock_task(session, task_id)
+    (task id, ``task.attempt``) to the task's resource-class queue. ``task`` is an id, or a
+    row whose job the caller has locked."""
+    if isinstance(task, str):
+        task = lock_task(session, task)
     task.attempt += 1
     task.next_attempt_at = None
-    return set_task_state(session, task_id, TaskState.QUEUED)
+    return set_task_state(session, task, TaskState.QUEUED)
 
 
 def claim_task(
@@ -40,24 +43,34 @@ def claim_task(
     lease_ttl_s: float,
     now: datetime | None = None,
 ) -> Task | None:
-    """Take the lease of a queued attempt; None if the message is stale or a duplicate."""
-    task = lock_task(session, task_id)
+    """Take the lease of a queued attempt; None if the message is stale or a duplicate.
+
+    Only a job's first claim locks the job (to start it); later claims lock just the task,
+    so workers do not queue up behind each other on their job's row."""
+    job_state = session.execute(
+        select(Job.state).join(Task, Task.job_id == Job.id).where(Task.id == task_id)
+    ).scalar_one()
+    if job_state in (JobState.PENDING, JobState.QUEUED):
+        task = lock_task(session, task_id)
+    else:
+        task = lock(session, Task, task_id)
     if task.state is not TaskState.QUEUED or task.attempt != attempt:
         return None
     now = now or utcnow()
-    set_task_state(session, task_id, TaskState.RUNNING, data={"worker": worker_id})
+    set_task_state(session, task, TaskState.RUNNING, data={"worker": worker_id})
     task.lease_owner = worker_id
     task.lease_expires_at = now + timedelta(seconds=lease_ttl_s)
     task.deadline_at = now + timedelta(seconds=task.timeout_s)
-    job = session.get(Job, task.job_id)
-    assert job is not None
-    if job.state in (JobState.PENDING, JobState.QUEUED):
-        set_job_state(session, job.id, JobState.RUNNING)
+    if job_state in (JobState.PENDING, JobState.QUEUED):
+        job = session.get(Job, task.job_id)  # locked above, by lock_task
+        assert job is not None
+        if job.state in (JobState.PENDING, JobState.QUEUED):
+            set_job_state(session, job, JobState.RUNNING)
     return task
 
 
 def _held(session: Session, task_id: str, worker_id: str, attempt: int) -> Task:
-    task = lock_task(session, task_id)
+    task = lock(session, Task, task_id)
     if (
         task.state is not TaskState.RUNNING
         or task.lease_owner != worker_id
@@ -82,7 +95,7 @@ def succeed_task(
     task = _held(session, task_id, worker_id, attempt)
     task.output = output
     task.error = None
-    return set_task_state(session, task_id, TaskState.SUCCEEDED)
+    return set_task_state(session, task, TaskState.SUCCEEDED)
 
 
 def fail_task(
@@ -106,9 +119,9 @@ def retry_delay_s(task: Task) -> float:
 
 def end_attempt(session: Session, task_id: str, error: str, now: datetime) -> Task:
     """The running attempt is over without success; retry it or fail the task."""
-    task = lock_task(session, task_id)
+    task = lock(session, Task, task_id)
     task.error = error
     if task.attempt <= task.retries:
         task.next_attempt_at = now + timedelta(seconds=retry_delay_s(task))
-        return set_task_state(session, task_id, TaskState.UP_FOR_RETRY, reason=error)
-    return set_task_state(session, task_id, TaskState.FAILED, reason=error)
+        return set_task_state(session, task, TaskState.UP_FOR_RETRY, reason=error)
+    return set_task_state(session, task, TaskState.FAILED, reason=error)

@@ -4,6 +4,10 @@ Each locks the row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write lock
 held by the transaction), checks the change against its policy, applies it with its
 timestamps, and appends the Event in the same transaction. An illegal change raises
 ``IllegalTransition`` and writes nothing.
+
+Lock order, which keeps writers from deadlocking: a job before its tasks. Workers touch only
+their task's row once the job runs (claim, heartbeat, report); everything that changes
+several tasks of a job (the driver's pass, cancellation, the reconciler) locks the job first.
 """
 
 from __future__ import annotations
@@ -52,8 +56,7 @@ def lock(session: Session, cls: type[Row], row_id: str) -> Row:
 
 
 def lock_task(session: Session, task_id: str) -> Task:
-    """Lock a task after its job: every writer takes the job's lock first, so cancelling a
-    job (job, then its tasks) and finishing a task (its job, then the task) cannot deadlock."""
+    """Lock a task after its job (see the lock order above)."""
     job_id = session.execute(select(Task.job_id).where(Task.id == task_id)).scalar_one()
     lock(session, Job, job_id)
     return lock(session, Task, task_id)
@@ -120,13 +123,15 @@ def _change(
 
 def set_job_state(
     session: Session,
-    job_id: str,
+    job: str | Job,
     target: JobState,
     *,
     reason: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> Job:
-    job = lock(session, Job, job_id)
+    """Move a job (an id, or a row this transaction already locked) to ``target``."""
+    if isinstance(job, str):
+        job = lock(session, Job, job)
     _change(session, job, JOB_POLICY, "job", target, job.id, reason, data)
     if target is JobState.RUNNING:
         job.started_at = job.updated_at
@@ -139,13 +144,16 @@ def set_job_state(
 
 def set_task_state(
     session: Session,
-    task_id: str,
+    task: str | Task,
     target: TaskState,
     *,
     reason: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> Task:
-    task = lock(session, Task, task_id)
+    """Move a task (an id, or a row this transaction already holds: locked itself, or its
+    job locked by the caller, which guards every task of the job) to ``target``."""
+    if isinstance(task, str):
+        task = lock(session, Task, task)
     _change(
         session,
         task,
