@@ -64,6 +64,8 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
     with psycopg.connect(PG_SERVER, autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
         c.execute(f'CREATE DATABASE "{db_name}"')
+        c.execute(f'DROP DATABASE IF EXISTS "{db_name}_prefect"')
+        c.execute(f'CREATE DATABASE "{db_name}_prefect"')
     redis.Redis.from_url(BROKER).flushdb()
     settings = Settings(
         home=home,
@@ -72,7 +74,11 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         prefect_port=free_port(),
     )
     schema.upgrade(settings.database_url)
-    stack = Stack(settings, {"PREFECT_UI_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
+    prefect_db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}_prefect"
+    stack = Stack(
+        settings,
+        {"PREFECT_UI_ENABLED": "false", "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db},
+    )
     api = None
     walls: list[float] = []
     inner: list[float] = []
@@ -109,6 +115,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         stack.stop()
         with psycopg.connect(PG_SERVER, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+            c.execute(f'DROP DATABASE IF EXISTS "{db_name}_prefect" WITH (FORCE)')
     return walls, inner
 
 

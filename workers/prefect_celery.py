@@ -41,8 +41,10 @@ from celery.backends.base import KeyValueStoreBackend
 from celery.result import AsyncResult
 from prefect.client.schemas.objects import StateDetails
 from prefect.context import (
+    FlowRunContext,
     SyncClientContext,
     TagsContext,
+    TaskRunContext,
     hydrated_context,
     serialize_context,
 )
@@ -139,6 +141,12 @@ def _process_client_context() -> SyncClientContext:
         _client_contexts.clear()  # a forked child must not reuse its parent's connection
         _client_contexts[pid] = context
     return _client_contexts[pid]
+
+
+def _serialize_context() -> dict[str, Any]:
+    context = serialize_context()
+    context.pop("settings_context", None)
+    return context
 
 
 # ---- flow side: the future ------------------------------------------------------------------
@@ -351,6 +359,7 @@ class CeleryTaskRunner(TaskRunner[PrefectCeleryFuture[Any]]):
         # Prefect's flow engine calls cancel_all() on the flow's runner, not on the duplicate it
         # entered, so cancelling reaches the duplicates through this set.
         self._duplicates: weakref.WeakSet[CeleryTaskRunner] = weakref.WeakSet()
+        self._cached_context: tuple[Any, dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with the flow into each payload: keep the config, not threads or locks."""
@@ -414,8 +423,7 @@ class CeleryTaskRunner(TaskRunner[PrefectCeleryFuture[Any]]):
         options = self._send_options(task)
         if self._route is not None and (queue := self._route(task, parameters)):
             options["queue"] = queue
-        context = serialize_context()
-        context.pop("settings_context", None)  # the worker's own settings apply
+        context = self._context()
         future: PrefectCeleryFuture[Any] = PrefectCeleryFuture(uuid.uuid4(), self._app)
         with self._outstanding_lock:
             self._outstanding[future.task_run_id] = future
@@ -431,6 +439,19 @@ class CeleryTaskRunner(TaskRunner[PrefectCeleryFuture[Any]]):
         upstream = _futures_in(parameters) | set(call["wait_for"])
         _when_all_done(upstream, lambda: self._schedule(future, call, options))
         return future
+
+    def _context(self) -> dict[str, Any]:
+        """Prefect's context for the worker, without settings (the worker's own apply).
+
+        Serialising it dumps every Prefect setting, milliseconds per call, so the context
+        of submissions made straight from a flow run (no task run around them) is reused."""
+        if TaskRunContext.get() is not None:
+            return _serialize_context()
+        flow_run = FlowRunContext.get()
+        key = flow_run.flow_run.id if flow_run and flow_run.flow_run else None
+        if self._cached_context is None or self._cached_context[0] != key:
+            self._cached_context = (key, _serialize_context())
+        return self._cached_context[1]
 
     def _forget(self, future: PrefectFuture[Any]) -> None:
         with self._outstanding_lock:

@@ -140,7 +140,14 @@ class Stack:
         self.extra_env = extra_env or {}
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, **self.settings.to_env(), **self.extra_env}
+        env = {
+            **os.environ,
+            # Prefect's runner looks for new flow runs every 10 s by default: a job would wait
+            # that long to start.
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            **self.settings.to_env(),
+            **self.extra_env,
+        }
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         if self.settings.prefect_api_url:
             env["PREFECT_API_URL"] = self.settings.prefect_api_url
@@ -159,9 +166,9 @@ class Stack:
         home.mkdir(parents=True, exist_ok=True)
         url = f"http://127.0.0.1:{self.settings.prefect_port}/api"
         env = {
-            **self.env(),
-            "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            **self.env(),  # extra_env may name another database (postgresql+asyncpg://...)
+            "PREFECT_HOME": str(home),
             "PREFECT_API_URL": url,
         }
         prefect = str(Path(sys.executable).with_name("prefect"))

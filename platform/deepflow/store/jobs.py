@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -106,12 +106,15 @@ def _insert_job(
         )
         for i, spec in enumerate(plan.tasks)
     ]
-    job.edges = [
-        TaskEdge(upstream_id=ids[up], downstream_id=ids[node.name])
+    session.add(job)
+    session.flush()
+    edges = [
+        {"job_id": job.id, "upstream_id": ids[up], "downstream_id": ids[node.name]}
         for node in plan.dag.tasks.values()
         for up in node.upstream
     ]
-    session.add(job)
+    if edges:  # one multi-row INSERT: a dense DAG has thousands of edges
+        session.execute(insert(TaskEdge), edges)
     record_event(
         session,
         tenant_id=tenant_id,
