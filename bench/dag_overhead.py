@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "bench")]
 
 from deepflow.config import Settings, normalize_database_url  # noqa: E402
-from deepflow.launcher import ApiThread, Stack, free_port  # noqa: E402
+from deepflow.launcher import ApiServer, Stack, free_port  # noqa: E402
 from deepflow.store import Database, create_api_key, schema  # noqa: E402
 
 LEVELS, WIDTH = 4, 50
@@ -90,7 +90,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         db = Database(stack.settings.database_url)
         with db.transaction() as s:
             _, key = create_api_key(s, "bench")
-        api = ApiThread(stack.settings, db).start()
+        api = ApiServer(stack.settings, db).start()
         auth = {"Authorization": f"Bearer {key}"}
         body = {"kind": "dag", "spec": dag_spec()}
         for run in range(runs + 1):  # the first run warms the workers up and is not counted

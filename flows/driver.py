@@ -19,9 +19,9 @@ from typing import Any
 
 from prefect import task
 from prefect.futures import PrefectFuture
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Failed, State
 
-from deepflow.dag import Dag, TaskState
+from deepflow.dag import Dag, JobState, TaskState
 from deepflow.store import Database, Job, Task, drive_job, job_dag
 from deepflow.store.types import utcnow
 from workers.execute import StaleAttempt, execute_task
@@ -125,10 +125,8 @@ def route_by_queue_parameter(task: Any, parameters: dict[str, Any]) -> str | Non
 
 def final_state(job: Job) -> State[Any] | dict[str, Any] | None:
     """What the flow run returns: the job's result, or a Failed/Cancelled state."""
-    from prefect.states import Failed
-
-    if job.state.value == "succeeded":
+    if job.state is JobState.SUCCEEDED:
         return job.result
-    if job.state.value == "cancelled":
+    if job.state is JobState.CANCELLED:
         return Cancelled(message=job.error or "job cancelled")
     return Failed(message=job.error or "job failed")

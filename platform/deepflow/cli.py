@@ -65,15 +65,11 @@ def _reconciler(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from deepflow.dispatch import Dispatcher
-    from deepflow.store import Reconciler, get_database
+    from deepflow.launcher import platform_reconciler
+    from deepflow.store import get_database
 
     settings = Settings.from_env()
-    db = get_database(settings.database_url)
-    passes = []
-    if settings.prefect_api_url:
-        passes.append(Dispatcher(db, settings.prefect_api_url).dispatch_pending)
-    reconciler = Reconciler(db, settings.reconcile_interval_s, passes)
+    reconciler = platform_reconciler(settings, get_database(settings.database_url))
     reconciler.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -201,28 +201,45 @@ class Stack:
             part.stop()
 
 
-class ApiThread:
-    """The API, with its reconciler and dispatcher, served from a thread of this process
-    (tests and benchmarks; ``up`` serves it in the main thread)."""
+def platform_reconciler(
+    settings: Settings, db: Database, dispatcher: Dispatcher | None = None
+) -> Reconciler:
+    """The reconciler with its passes: expired leases, and (with Prefect configured) jobs whose
+    flow run could not be created when they were accepted."""
+    if dispatcher is None and settings.prefect_api_url:
+        dispatcher = Dispatcher(db, settings.prefect_api_url)
+    passes = [dispatcher.dispatch_pending] if dispatcher else []
+    return Reconciler(db, settings.reconcile_interval_s, passes)
 
-    def __init__(self, settings: Settings, db: Database | None = None, port: int = 0) -> None:
+
+class ApiServer:
+    """The API with its reconciler and dispatcher: ``run()`` in the foreground (``up``),
+    or ``start()`` in a thread of this process (tests and benchmarks)."""
+
+    def __init__(
+        self, settings: Settings, db: Database | None = None, port: int | None = None
+    ) -> None:
         self.db = db or get_database(settings.database_url)
-        dispatcher = (
-            Dispatcher(self.db, settings.prefect_api_url) if settings.prefect_api_url else None
-        )
-        self.reconciler = Reconciler(
-            self.db,
-            settings.reconcile_interval_s,
-            [dispatcher.dispatch_pending] if dispatcher else [],
-        )
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(settings, self.db)
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self.reconciler = platform_reconciler(settings, self.db, app.state.dispatcher)
+        self.port = port if port is not None else free_port()
+        self.url = f"http://{settings.api_host}:{self.port}"
+        config = uvicorn.Config(app, host=settings.api_host, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 30.0) -> ApiThread:
+    def run(self) -> None:
+        """Serve until Ctrl-C (or ``stop``), then stop the reconciler."""
         self.reconciler.start()
+        try:
+            self.server.run()
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the expected outcome
+        finally:
+            self.reconciler.stop()
+
+    def start(self, timeout_s: float = 30.0) -> ApiServer:
+        self._thread = threading.Thread(target=self.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
@@ -233,8 +250,8 @@ class ApiThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(timeout=10)
-        self.reconciler.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def free_port() -> int:
@@ -265,34 +282,16 @@ def up(settings: Settings, host: str | None = None, port: int | None = None) -> 
 
 
 def _serve_api(stack: Stack, key: str) -> int:
-    settings = stack.settings
     os.environ.update(stack.env())  # the API's own Prefect client reads PREFECT_API_URL
-    db = get_database(settings.database_url)
-    dispatcher = Dispatcher(db, settings.prefect_api_url) if settings.prefect_api_url else None
-    reconciler = Reconciler(
-        db, settings.reconcile_interval_s, [dispatcher.dispatch_pending] if dispatcher else []
-    )
-    reconciler.start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, db),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-        )
-    )
-    threading.Thread(target=_report, args=(stack, server, reconciler, key), daemon=True).start()
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the expected outcome
-    finally:
-        reconciler.stop()
+    api = ApiServer(stack.settings, port=stack.settings.api_port)
+    threading.Thread(target=_report, args=(stack, api, key), daemon=True).start()
+    api.run()
     return 0
 
 
-def _report(stack: Stack, server: uvicorn.Server, reconciler: Reconciler, key: str) -> None:
+def _report(stack: Stack, api: ApiServer, key: str) -> None:
     """Print the banner once the API answers, then say when a part dies."""
+    server, reconciler = api.server, api.reconciler
     while not server.started and not server.should_exit:
         time.sleep(0.05)
     if not server.started:

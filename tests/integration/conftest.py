@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from deepflow.config import Settings
-from deepflow.launcher import ApiThread, Stack, free_port
+from deepflow.launcher import ApiServer, Stack, free_port
 from deepflow.store import Database, create_api_key, schema
 from tests.conftest import create_pg_database, drop_pg_database
 
@@ -103,7 +103,7 @@ def platform(
         db = Database(settings.database_url)
         with db.transaction() as s:
             _, key = create_api_key(s, "acme")
-        api = ApiThread(settings, db).start()
+        api = ApiServer(settings, db).start()
         yield Platform(request.param, settings, stack, db, api.url, key)
     finally:
         if api is not None:

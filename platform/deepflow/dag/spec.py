@@ -40,11 +40,6 @@ class TaskSpec(BaseModel):
     """Higher runs first among tasks ready at the same time."""
     resource_class: ResourceClass = ResourceClass.CPU
 
-    def retry_delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = self.retry_delay_s * self.retry_backoff ** max(attempt - 1, 0)
-        return min(delay, self.max_retry_delay_s)
-
 
 class DagJobSpec(BaseModel):
     """The spec of a ``dag`` job: the user declares every task."""
