@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,7 +30,10 @@ from deepflow.store import (
     heartbeat_task,
     succeed_task,
 )
+from deepflow.store.logs import write_task_log
+from deepflow.store.orm import Task
 from deepflow.store.types import utcnow
+from workers import attempt_log
 from workers.constants import HEARTBEATS_PER_LEASE
 
 log = logging.getLogger(__name__)
@@ -127,27 +132,68 @@ def execute_task(task_id: str, attempt: int, settings: Settings | None = None) -
             raise StaleAttempt(f"attempt {attempt} of task {task_id} is not current")
         operator, args, deadline = task.operator, dict(task.args), task.deadline_at
     guard = _Guard(db, task_id, me, attempt, settings.lease_ttl_s, deadline)
+    end = _Ending(db, task, attempt, attempt_log.AttemptLog(), utcnow())
     try:
-        with guard:
+        with attempt_log.capture(end.log), guard:
             output = operators.run(operator, args)
     except AttemptStopped:
+        end.log.write(f"attempt stopped: {guard.reason}\n")
         if guard.reason == "timed out":
-            _report_failure(db, task_id, me, attempt, f"timed out after its deadline {deadline}")
+            error = f"timed out after its deadline {deadline}"
+            end.report("timed_out", lambda s: fail_task(s, task_id, me, attempt, error))
+        else:
+            end.report("stopped", None)
         raise StaleAttempt(f"attempt {attempt} of task {task_id} stopped: {guard.reason}") from None
     except Exception as exc:
-        _report_failure(db, task_id, me, attempt, f"{type(exc).__name__}: {exc}")
+        end.log.write(traceback.format_exc())
+        error = f"{type(exc).__name__}: {exc}"
+        end.report("failed", lambda s: fail_task(s, task_id, me, attempt, error))
         raise
     try:
-        with db.transaction() as session:
-            succeed_task(session, task_id, me, attempt, output)
+        end.report("succeeded", lambda s: succeed_task(s, task_id, me, attempt, output))
     except LeaseLost as exc:
         raise StaleAttempt(str(exc)) from None
     return output
 
 
-def _report_failure(db: Database, task_id: str, worker: str, attempt: int, error: str) -> None:
-    try:
-        with db.transaction() as session:
-            fail_task(session, task_id, worker, attempt, error)
-    except LeaseLost:
-        log.warning("task %s attempt %d failed after losing its lease", task_id, attempt)
+@dataclass
+class _Ending:
+    """Stores an attempt's log in the transaction that reports its outcome, so a failed
+    state is never visible without its log."""
+
+    db: Database
+    task: Task
+    attempt: int
+    log: attempt_log.AttemptLog
+    started_at: datetime
+
+    def report(self, outcome: str, report: Callable[[Any], object] | None) -> None:
+        """Write the log and run ``report`` (raising LeaseLost when the lease is gone: then
+        only the log is kept, and a failure's LeaseLost is just logged)."""
+        text, finished = self.log.text(), utcnow()
+
+        def save(session: Any) -> None:
+            write_task_log(
+                session,
+                self.task,
+                self.attempt,
+                outcome=outcome,
+                text=text,
+                dropped_chars=self.log.dropped,
+                started_at=self.started_at,
+                finished_at=finished,
+            )
+
+        try:
+            with self.db.transaction() as session:
+                save(session)
+                if report is not None:
+                    report(session)
+        except LeaseLost:
+            with self.db.transaction() as session:
+                save(session)
+            if outcome == "succeeded":
+                raise
+            log.warning(
+                "task %s attempt %d failed after losing its lease", self.task.id, self.attempt
+            )

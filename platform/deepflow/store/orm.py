@@ -288,3 +288,28 @@ class Event(Base):
 @event.listens_for(Event, "before_delete")
 def _events_are_append_only(mapper: Any, connection: Any, target: Event) -> None:
     raise RuntimeError("events are append-only")
+
+
+class TaskLog(Base):
+    """What one attempt wrote: its operator's log records and stdout/stderr, and the
+    traceback when it failed. The worker bounds the text (``workers.attempt_log``); one row
+    per attempt, written when the attempt ends, so the dashboard can show why it failed."""
+
+    __tablename__ = "task_logs"
+    __table_args__ = (UniqueConstraint("task_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))
+    """succeeded | failed | timed_out | stopped (lease lost or cancelled)."""
+    text: Mapped[str] = mapped_column(Text)
+    dropped_chars: Mapped[int] = mapped_column(Integer, default=0)
+    """How much of the middle of a long log was left out."""
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
