@@ -105,6 +105,11 @@ class Device:
     def supports_graphs(self) -> bool:
         return self.is_accelerator
 
+    @property
+    def dist_backend(self) -> str:
+        """The torch.distributed backend for collectives between devices of this type."""
+        return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[self.type]
+
     def __repr__(self) -> str:
         return f"Device({self.torch_device})"
 
