@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import errors, jobs
+from deepflow.api import dashboard, errors, jobs
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
@@ -36,4 +36,5 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             session.execute(text("SELECT 1"))
         return {"status": "ok"}
 
+    dashboard.install(app)  # last: the page is served at / behind every API route
     return app
