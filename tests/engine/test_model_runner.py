@@ -166,5 +166,5 @@ def test_bfloat16_on_the_cpu(tiny_qwen2: Path, hf_model) -> None:
 def test_edges(tiny_llama: Path) -> None:
     runner = ModelRunner(cpu_config(tiny_llama, num_kv_blocks=4))
     assert run(runner).shape == (0, 512)
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs one ModelRunner per rank"):
         ModelRunner(cpu_config(tiny_llama, tensor_parallel_size=2))

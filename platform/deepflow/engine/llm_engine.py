@@ -74,9 +74,9 @@ class LLMEngine:
     ) -> None:
         """``model_runner`` and ``tokenizer`` default to the ones built from ``config.model``."""
         if model_runner is None:
-            from deepflow.engine.model_runner import ModelRunner
+            from deepflow.engine.parallel.runner import make_runner
 
-            model_runner = ModelRunner(config)
+            model_runner = make_runner(config)
         if tokenizer is None:
             from deepflow.engine.tokenizer import Tokenizer
 

@@ -4,13 +4,15 @@ First every shard's header is read (names and shapes only) and checked against w
 expects, so a bad checkpoint fails before any copying, with one message that names each missing,
 mis-shaped or unknown tensor and its file. Then tensors are read one at a time and copied into
 their parameter (or its slice, for fused projections): the model never exists twice in memory.
+Under tensor parallelism a rank reads only its shard of each tensor (safetensors slices lazily).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -23,8 +25,30 @@ class CheckpointError(ValueError):
     """The checkpoint does not hold exactly the tensors the model needs."""
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one checkpoint tensor goes: its `shard` (a slice along `dim`; None: all of it)
+    is copied into `param[rows]` (None: the whole parameter)."""
+
+    param: torch.Tensor
+    shape: tuple[int, ...]
+    """The tensor's full shape in the checkpoint."""
+    rows: slice | None = None
+    dim: int = 0
+    shard: slice | None = None
+
+    def read(self, f: Any, name: str) -> torch.Tensor:
+        if self.shard is None:
+            return f.get_tensor(name)
+        return f.get_slice(name)[(slice(None),) * self.dim + (self.shard,)]
+
+    @property
+    def destination(self) -> torch.Tensor:
+        return self.param.data if self.rows is None else self.param.data[self.rows]
+
+
 class Loadable(Protocol):
-    def checkpoint_tensors(self) -> dict[str, tuple[torch.Tensor, slice | None]]: ...
+    def checkpoint_tensors(self) -> dict[str, Target]: ...
 
     def ignores(self, name: str) -> bool: ...
 
@@ -82,8 +106,8 @@ def _index_mismatches(folder: Path, found: dict[str, tuple[Path, tuple[int, ...]
 def check(model: Loadable, folder: Path, found: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
     expected = model.checkpoint_tensors()
     problems = _index_mismatches(folder, found)
-    for name, (param, rows) in expected.items():
-        want = tuple(param.shape) if rows is None else (rows.stop - rows.start, *param.shape[1:])
+    for name, target in expected.items():
+        want = target.shape
         if name not in found:
             problems.append(f"missing tensor {name} (expected shape {list(want)}) in {folder}")
         elif found[name][1] != want:
@@ -115,6 +139,11 @@ def load_weights(model: Loadable, folder: str | Path) -> None:
             for name in f.keys():  # noqa: SIM118
                 if name not in expected:
                     continue
-                param, rows = expected[name]
-                target = param.data if rows is None else param.data[rows]
-                target.copy_(f.get_tensor(name))
+                target = expected[name]
+                data, destination = target.read(f, name), target.destination
+                if data.shape != destination.shape:  # a model-side bug, not a checkpoint one
+                    raise RuntimeError(
+                        f"{name}: read {list(data.shape)} for a destination of "
+                        f"{list(destination.shape)}"
+                    )
+                destination.copy_(data)

@@ -2,9 +2,10 @@
 
 The step's chunks (prefill chunks and decodes, any mix) become one flat batch of new tokens,
 with each token's cache slot and each chunk's block table; the model writes the new K/V into
-the cache and attends over it. Graph capture and tensor parallelism will slot in behind
-`enforce_eager` and `tensor_parallel_size`: today every step runs eagerly (enforce_eager=False
-is accepted and changes nothing yet) and tensor_parallel_size > 1 is refused.
+the cache and attends over it. Graph capture will slot in behind `enforce_eager`: today every
+step runs eagerly (enforce_eager=False is accepted and changes nothing yet). Under tensor
+parallelism one ModelRunner runs per rank, given its `tp` group, and holds that rank's shard of
+the weights and of the KV heads (deepflow.engine.parallel.runner drives them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from deepflow.engine.layers.attention import AttentionMetadata
 from deepflow.engine.loader import load_weights
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
+from deepflow.engine.parallel.group import TPGroup
 
 if TYPE_CHECKING:
     from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -27,13 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        if config.tensor_parallel_size > 1:
-            raise NotImplementedError(
-                "tensor_parallel_size > 1 is not supported yet; FlowServe runs on one device"
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None) -> None:
+        self.tp = tp or TPGroup()
+        if config.tensor_parallel_size != self.tp.size:
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size} needs one ModelRunner per "
+                "rank: build deepflow.engine.parallel.runner.make_runner(config)"
             )
         self.config = config
-        self.device = Device.pick(config.device)
+        self.device: Device = self.tp.device(config.device)
         self.device.set_current()
         self.model_config = ModelConfig.from_folder(config.model)
         self.dtype = self._pick_dtype()
@@ -54,7 +58,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with self.device.torch_device:
-                model = DecoderForCausalLM(self.model_config, self.max_model_len)
+                model = DecoderForCausalLM(self.model_config, self.max_model_len, self.tp)
         finally:
             torch.set_default_dtype(default)
         load_weights(model, self.config.model)
@@ -63,7 +67,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
-        per_token = cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        per_token = self.model.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         return 2 * cfg.num_layers * self.block_size * per_token
 
     def _count_blocks(self) -> int:
@@ -95,7 +99,7 @@ class ModelRunner:
             cfg.num_layers,
             self.num_blocks,
             self.block_size,
-            cfg.num_kv_heads,
+            self.model.num_kv_heads,
             cfg.head_dim,
         )
         cache = torch.zeros(shape, dtype=self.dtype, device=self.device.torch_device)

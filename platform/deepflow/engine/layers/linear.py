@@ -1,7 +1,10 @@
-"""Linear layers. Projections the checkpoint stores apart (q/k/v, gate/up) run as one matmul.
+"""Linear layers, plain and tensor-parallel. Projections the checkpoint stores apart (q/k/v,
+gate/up) run as one matmul.
 
-`MergedLinear.parts` says which output rows each checkpoint tensor fills, so the loader can
-stream those tensors straight into their slice of the fused weight.
+`MergedLinear` is column-parallel: each part keeps only this rank's output rows (its `Split`),
+and `parts` says where each part sits in the fused weight, so the loader can stream every
+checkpoint tensor's shard straight into its slice. `RowParallelLinear` keeps this rank's input
+columns and sums the partial products over ranks. With one rank both are ordinary linears.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepflow.engine.loader import Target
+from deepflow.engine.parallel.group import Split, TPGroup
+
 
 class Linear(nn.Module):
-    """y = x W^T + b, parameters left uninitialised: the loader fills them."""
+    """y = x W^T + b, parameters left uninitialised: the loader fills them. Replicated."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -24,15 +30,61 @@ class Linear(nn.Module):
 
 
 class MergedLinear(Linear):
-    """Several projections of the same input, concatenated along the output rows."""
+    """Several projections of the same input, concatenated along the output rows.
 
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(parts.values()), bias)
+    A part given as an int is whole; as a `Split`, this rank holds only its share of the rows.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int | Split], bias: bool = False) -> None:
+        self.splits = {
+            name: Split.whole(rows) if isinstance(rows, int) else rows
+            for name, rows in parts.items()
+        }
+        super().__init__(in_features, sum(s.size for s in self.splits.values()), bias)
         self.parts: dict[str, slice] = {}
         start = 0
-        for name, rows in parts.items():
-            self.parts[name] = slice(start, start + rows)
-            start += rows
+        for name, split in self.splits.items():
+            self.parts[name] = slice(start, start + split.size)
+            start += split.size
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(y.split([s.stop - s.start for s in self.parts.values()], dim=-1))
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
+        """`prefix` is the parent module's: the parts are its children in the checkpoint."""
+        targets = {}
+        for name, split in self.splits.items():
+            shard = None if split.is_whole else split.slice
+            for kind, param in (("weight", self.weight), ("bias", self.bias)):
+                if param is not None:
+                    shape = (split.total, *param.shape[1:])
+                    targets[f"{prefix}{name}.{kind}"] = Target(
+                        param, shape, self.parts[name], 0, shard
+                    )
+        return targets
+
+
+class RowParallelLinear(Linear):
+    """y = sum over ranks of x_r W_r^T, then + b: each rank holds its `inputs` columns of W
+    (matching the column-parallel layer before it) and the whole bias, added once."""
+
+    def __init__(
+        self, inputs: Split, out_features: int, bias: bool = False, tp: TPGroup | None = None
+    ) -> None:
+        super().__init__(inputs.size, out_features, bias)
+        self.inputs = inputs
+        self.tp = tp or TPGroup()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
+        shard = None if self.inputs.is_whole else self.inputs.slice
+        out = self.weight.shape[0]
+        targets = {f"{prefix}weight": Target(self.weight, (out, self.inputs.total), None, 1, shard)}
+        if self.bias is not None:
+            targets[f"{prefix}bias"] = Target(self.bias, (out,))
+        return targets

@@ -3,6 +3,10 @@
 The families differ only in what config.json says: GQA head counts, RoPE scaling, biases on
 q/k/v (Qwen2) and tied embeddings. Module names follow the checkpoints', so
 `checkpoint_tensors()` can map every stored tensor to the parameter (slice) it fills.
+
+Under tensor parallelism (`tp`) each rank builds its shard: its query and KV heads (column-
+parallel q/k/v), its columns of o_proj (row-parallel, summed over ranks), its slice of the MLP's
+intermediate size likewise, and its rows of the vocabulary; norms and RoPE are replicated.
 """
 
 from __future__ import annotations
@@ -15,24 +19,29 @@ from torch import nn
 from deepflow.engine.layers.activation import SiluAndMul
 from deepflow.engine.layers.attention import Attention, AttentionMetadata
 from deepflow.engine.layers.embedding import LMHead, VocabEmbedding
-from deepflow.engine.layers.linear import Linear, MergedLinear
+from deepflow.engine.layers.linear import MergedLinear, RowParallelLinear
 from deepflow.engine.layers.norm import RMSNorm
 from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from deepflow.engine.loader import Target
 from deepflow.engine.model_config import ModelConfig
+from deepflow.engine.parallel.group import TPGroup
 
 # Checkpoint tensors that carry nothing the decoder needs: cached RoPE tables some exporters save.
 HARMLESS_EXTRAS = re.compile(r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        tp = tp or TPGroup()
+        heads = tp.even(cfg.num_heads, "num_attention_heads")
+        kv_heads = tp.kv_heads(cfg.num_kv_heads)
+        self.heads, self.kv_heads, self.head_dim = heads.size, kv_heads.size, cfg.head_dim
+        q_rows, kv_rows = heads.scaled(self.head_dim), kv_heads.scaled(self.head_dim)
         self.qkv_proj = MergedLinear(
             cfg.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, cfg.qkv_bias
         )
-        self.o_proj = Linear(q_rows, cfg.hidden_size, cfg.o_bias)
+        self.o_proj = RowParallelLinear(q_rows, cfg.hidden_size, cfg.o_bias, tp)
         self.attn = Attention(self.heads, self.kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(
@@ -51,13 +60,14 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
+        tp = tp or TPGroup()
+        inter = tp.even(cfg.intermediate_size, "intermediate_size")
         self.gate_up_proj = MergedLinear(
             cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, cfg.mlp_bias
         )
-        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +75,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
+        tp = tp or TPGroup()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(
         self,
@@ -90,9 +101,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_model_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_model_len: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        tp = tp or TPGroup()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim,
             cfg.rope_theta,
@@ -100,7 +112,7 @@ class DecoderModel(nn.Module):
             cfg.max_position_embeddings,
             max_model_len,
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
@@ -116,12 +128,15 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_model_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_model_len: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_model_len)
+        self.tp = tp or TPGroup()
+        self.model = DecoderModel(cfg, max_model_len, self.tp)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied, self.tp)
+        self.num_kv_heads = self.tp.kv_heads(cfg.num_kv_heads).size
+        """KV heads on this rank: what its cache holds."""
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -135,22 +150,18 @@ class DecoderForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
-    def checkpoint_tensors(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
-        """Every tensor name a checkpoint must hold -> (parameter, output rows it fills or None)."""
-        expected: dict[str, tuple[torch.Tensor, slice | None]] = {}
+    def checkpoint_tensors(self) -> dict[str, Target]:
+        """Every tensor name a checkpoint must hold -> where it (this rank's shard) goes."""
+        expected: dict[str, Target] = {}
         for prefix, module in self.named_modules():
-            if isinstance(module, LMHead) and module.tied:
-                continue
-            params = dict(module.named_parameters(recurse=False))
             dot = f"{prefix}." if prefix else ""
             if isinstance(module, MergedLinear):
-                parent = prefix.rpartition(".")[0] + "."
-                for part, rows in module.parts.items():
-                    for kind, param in params.items():
-                        expected[f"{parent}{part}.{kind}"] = (param, rows)
+                expected |= module.checkpoint_targets(prefix.rpartition(".")[0] + ".")
+            elif hasattr(module, "checkpoint_targets"):
+                expected |= module.checkpoint_targets(dot)
             else:
-                for kind, param in params.items():
-                    expected[f"{dot}{kind}"] = (param, None)
+                for kind, param in module.named_parameters(recurse=False):
+                    expected[f"{dot}{kind}"] = Target(param, tuple(param.shape))
         return expected
 
     def ignores(self, name: str) -> bool:
