@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepflow.engine import kernels
+
 
 def _default(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
@@ -105,7 +107,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim]."""
+    """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim]. The fast path rotates x in
+    place (x is a fresh projection's view) and returns it."""
+    if kernels.triton_active():
+        from deepflow.engine.kernels.elementwise import rotary_
+
+        return rotary_(x, cos, sin)
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 

@@ -1,0 +1,210 @@
+"""kernels/: each Triton kernel against the torch reference layer it replaces, on fresh random
+inputs of several shapes (ragged batches, block-boundary lengths, strided views).
+
+Without an accelerator the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before
+the kernels are first imported), so CI checks their indexing and masking; on a GPU the same
+tests run compiled. The interpreter mishandles bf16 matrix products and truncates when it rounds
+to bf16, so attention is checked there in float32 and float16 and bf16 results within a
+tolerance (bf16 runs compiled on the device: bench/device_check.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from deepflow.engine import kernels
+from deepflow.engine.device import Device
+from deepflow.engine.layers.activation import SiluAndMul
+from deepflow.engine.layers.attention import (
+    Attention,
+    AttentionMetadata,
+    build_fast_metadata,
+    store_kv,
+)
+from deepflow.engine.layers.norm import RMSNorm
+from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+DEVICE = Device.pick()
+if DEVICE.type == "npu":
+    pytest.skip("the Triton kernels target CUDA", allow_module_level=True)
+INTERPRET = not DEVICE.is_accelerator
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if INTERPRET:
+    import triton.runtime.interpreter as interpreter
+
+    _patch_tensor = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+        # Triton 3.6's interpreter holds scalars as one-element arrays and int()s them for loop
+        # bounds, which numpy >= 2.4 refuses: index through the single element instead.
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+DEV = DEVICE.torch_device
+ATTENTION_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 64), (5, 96), (3, 256)])
+def test_rms_norm_with_and_without_residual(dtype, rows, hidden) -> None:
+    g = gen(rows * hidden)
+    norm = RMSNorm(hidden, 1e-5).to(DEV, dtype)
+    norm.weight.data = (1 + torch.randn(hidden, generator=g)).to(DEV, dtype)
+    x = torch.randn(rows, hidden, generator=g).to(DEV, dtype) * 3
+    r = torch.randn(rows, hidden, generator=g).to(DEV, dtype)
+    ref_plain, (ref_out, ref_res) = norm(x), norm(x, r)
+    with kernels.use_backend("triton"):
+        plain, (out, res) = norm(x), norm(x, r)
+    tol = TOL[dtype]
+    # Compiled, the residual sum rounds once as torch's does; the interpreter truncates to bf16.
+    assert torch.equal(res, ref_res) if not INTERPRET else rel_err(res, ref_res) < tol
+    assert rel_err(plain, ref_plain) < tol and rel_err(out, ref_out) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 64), (7, 176), (2, 1500)])
+def test_silu_and_mul(dtype, rows, inter) -> None:
+    x = (torch.randn(rows, 2 * inter, generator=gen(inter)) * 4).to(DEV, dtype)
+    act = SiluAndMul()
+    expected = act(x)
+    with kernels.use_backend("triton"):
+        out = act(x)
+    assert out.shape == (rows, inter)
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "heads", "kv_heads", "dim"), [(3, 4, 2, 16), (9, 6, 2, 24)])
+def test_rotary_in_place_on_strided_views(dtype, tokens, heads, kv_heads, dim) -> None:
+    g = gen(tokens + dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(DEV, dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    rope = RotaryEmbedding(dim, 10000.0, None, 2048, 2048).to(DEV)
+    positions = torch.randint(0, 2000, (tokens,), generator=g).to(DEV)
+    cos, sin = rope(positions, dtype)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    before = qkv.clone()
+    with kernels.use_backend("triton"):
+        out_q, out_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    assert out_q.data_ptr() == q.data_ptr()  # in place, into the projection's buffer
+    assert rel_err(out_q, expected_q) < TOL[dtype] and rel_err(out_k, expected_k) < TOL[dtype]
+    v_cols = slice((heads + kv_heads) * dim, None)
+    assert torch.equal(qkv[:, v_cols], before[:, v_cols])  # v untouched
+
+
+def test_store_kv_skips_padding_slots() -> None:
+    g = gen(5)
+    k_cache = torch.randn(6, 4, 2, 16, generator=g).to(DEV)
+    v_cache = torch.randn(6, 4, 2, 16, generator=g).to(DEV)
+    k = torch.randn(5, 2, 16, generator=g).to(DEV)
+    v = torch.randn(5, 2, 16, generator=g).to(DEV)
+    slots = torch.tensor([3, 17, -1, 0, 23], device=DEV)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    store_kv(k[keep], v[keep], expected_k, expected_v, slots[keep])
+    from deepflow.engine.kernels.attention import store_kv as fast_store
+
+    fast_store(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def run_attention(
+    chunks: list[tuple[int, int]],
+    block_size: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    """Reference Attention and the kernels on the same step; outputs and caches compared."""
+    g = gen(seed)
+    need = [-(-(s + n) // block_size) for s, n in chunks]
+    num_blocks = sum(need) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()  # scattered, out-of-order blocks
+    tables = [[order.pop() for _ in range(c)] for c in need]
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(DEV, dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(DEV, dtype)
+    tokens = sum(n for _, n in chunks)
+    # q/k/v as strided views of one projection, as the decoder hands them over.
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(DEV, dtype)
+    q, k, v = (
+        t.view(tokens, -1, dim)
+        for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    )
+    slots = [
+        t[p // block_size] * block_size + p % block_size
+        for (s, n), t in zip(chunks, tables, strict=True)
+        for p in range(s, s + n)
+    ]
+    width = max(need)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=DEV),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEV),
+        chunk_starts=[s for s, _ in chunks],
+        chunk_lens=[n for _, n in chunks],
+    )
+    ref = Attention(heads, kv_heads, dim, dim**-0.5)
+    ref.k_cache, ref.v_cache = k_cache.clone(), v_cache.clone()
+    expected = ref(q, k, v, meta)
+    fast = Attention(heads, kv_heads, dim, dim**-0.5)
+    fast.k_cache, fast.v_cache = k_cache.clone(), v_cache.clone()
+    meta.fast = build_fast_metadata(
+        meta.chunk_starts, meta.chunk_lens, tables, slots, lambda t: t.to(DEV)
+    )
+    out = fast(q, k, v, meta)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOL[dtype], rel_err(out, expected)
+    assert torch.equal(fast.k_cache, ref.k_cache) and torch.equal(fast.v_cache, ref.v_cache)
+
+
+ATTENTION_CASES = {
+    "decodes at block boundaries": [(3, 1), (4, 1), (7, 1), (8, 1), (15, 1), (0, 1)],
+    "ragged prefills": [(0, 5), (0, 3), (0, 8), (0, 2)],
+    "prefill over cached prefixes": [(4, 9), (12, 4), (1, 7)],
+    "chunked prefill mixed with decodes": [(4, 9), (11, 1), (0, 12), (12, 4), (1, 1)],
+    "long chunk, several tiles": [(16, 70), (100, 1), (3, 66)],
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+def test_paged_attention_kernels(case: str, dtype: torch.dtype) -> None:
+    run_attention(ATTENTION_CASES[case], 4, heads=8, kv_heads=2, dim=16, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(4, 4, 16, 16), (6, 1, 24, 3), (8, 8, 32, 1)]
+)
+def test_paged_attention_kernels_shapes(heads, kv_heads, dim, block_size) -> None:
+    chunks = [(0, 17), (block_size * 2, 1), (5, 1), (block_size, block_size + 1)]
+    run_attention(chunks, block_size, heads, kv_heads, dim, torch.float32, seed=heads + dim)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paged_attention_kernels_random_batches(seed: int) -> None:
+    g = gen(100 + seed)
+    count = int(torch.randint(1, 7, (1,), generator=g))
+    chunks = [
+        (int(torch.randint(0, 40, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g)))
+        for _ in range(count)
+    ]
+    block_size = [1, 2, 4, 8, 16][seed]
+    run_attention(chunks, block_size, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=seed)
