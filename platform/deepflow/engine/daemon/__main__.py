@@ -1,0 +1,5 @@
+import sys
+
+from deepflow.engine.daemon.serve import main
+
+sys.exit(main())

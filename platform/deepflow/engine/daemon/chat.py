@@ -1,0 +1,160 @@
+"""``POST /v1/chat/completions``: the model's chat template, chat logprobs, streaming as
+``chat.completion.chunk`` deltas (the first per choice carrying the role)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from deepflow.engine.async_engine import EngineDeadError
+from deepflow.engine.daemon.errors import bad_request
+from deepflow.engine.daemon.formatting import (
+    DONE,
+    ChoiceState,
+    EngineStreamResponse,
+    chosen_and_top,
+    clamp,
+    new_logprobs,
+    sse,
+    sse_error,
+    token_text,
+    usage,
+)
+from deepflow.engine.daemon.protocol import ChatCompletionRequest
+from deepflow.engine.daemon.serving import (
+    Admitted,
+    ClientGone,
+    EngineServer,
+    collect_or_abort,
+    engine_dead,
+)
+from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    server: EngineServer = request.app.state.flowserve
+    server.check_model(body.model)
+    body.check_supported()
+    params = body.sampling_params(body.output_limit, body.engine_logprobs)
+    try:
+        text = server.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
+    prompt = server.tokenizer.encode(text, add_special_tokens=False)
+    server.validate([prompt], params, "messages")
+    admitted = server.generate([prompt], params)
+    reply = _Reply(server, body, f"chatcmpl-{uuid.uuid4().hex}")
+    if body.stream:
+        return EngineStreamResponse(reply.stream(admitted), admitted)
+    try:
+        last = await collect_or_abort(request, admitted)
+    except ClientGone:
+        return Response(status_code=499)
+    except EngineDeadError as exc:
+        raise engine_dead(exc) from exc
+    return JSONResponse(reply.full(last[0]))
+
+
+class _Reply:
+    def __init__(self, server: EngineServer, body: ChatCompletionRequest, reply_id: str):
+        self.server = server
+        self.body = body
+        self.head = {"id": reply_id, "created": int(time.time()), "model": server.model_name}
+
+    def full(self, out: RequestOutput) -> dict[str, Any]:
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c, ChoiceState()),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
+        return {
+            **self.head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage({0: out}),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> str:
+        return sse({**self.head, "object": "chat.completion.chunk", "choices": choices})
+
+    async def stream(self, admitted: Admitted) -> AsyncIterator[str]:
+        for index in range(self.body.n):
+            yield self._chunk([self._delta(index, {"role": "assistant", "content": ""})])
+        states = [ChoiceState() for _ in range(self.body.n)]
+        last: RequestOutput | None = None
+        try:
+            async for _, out in admitted:
+                last = out
+                for choice in out.outputs:
+                    state = states[choice.index]
+                    if state.finished:
+                        continue
+                    logprobs = self._logprobs(choice, state)
+                    if choice.delta_text or choice.finished or (logprobs and logprobs["content"]):
+                        delta = {"content": choice.delta_text} if choice.delta_text else {}
+                        yield self._chunk([self._delta(choice.index, delta, choice, logprobs)])
+                    state.finished = choice.finished
+        except EngineDeadError as exc:
+            yield sse_error(500, f"the engine failed: {exc}", "engine_dead")
+        else:
+            if self.body.include_usage and last is not None:
+                yield sse(
+                    {
+                        **self.head,
+                        "object": "chat.completion.chunk",
+                        "choices": [],
+                        "usage": usage({0: last}),
+                    }
+                )
+        yield DONE
+
+    @staticmethod
+    def _delta(
+        index: int,
+        delta: dict[str, Any],
+        choice: CompletionOutput | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        finish = None if choice is None else choice.finish_reason
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            **({"stop_reason": choice.stop_reason} if finish is not None else {}),
+        }
+
+    def _logprobs(self, choice: CompletionOutput, state: ChoiceState) -> dict[str, Any] | None:
+        """``{"content": [...]}`` over the tokens new since the last chunk."""
+        if choice.logprobs is None or not self.body.logprobs:
+            return None
+        top = self.body.top_logprobs or 0
+        content = []
+        for token_id, entry in new_logprobs(choice, state.logprobs_sent):
+            chosen, best = chosen_and_top(entry, token_id, top)
+            content.append(
+                {
+                    **self._token(token_id, chosen.logprob, chosen),
+                    "top_logprobs": [self._token(t, lp.logprob, lp) for t, lp in best],
+                }
+            )
+        state.logprobs_sent = len(choice.token_ids)
+        return {"content": content}
+
+    def _token(self, token_id: int, logprob: float, lp: Any) -> dict[str, Any]:
+        text = token_text(self.server.tokenizer, token_id, lp)
+        return {"token": text, "logprob": clamp(logprob), "bytes": list(text.encode())}

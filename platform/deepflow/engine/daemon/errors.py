@@ -1,0 +1,105 @@
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
+status the official client maps to its own exception classes (400 BadRequestError, 404
+NotFoundError, 429 RateLimitError, 5xx InternalServerError).
+
+deepflow.api.errors renders the same shape but imports the store (SQLAlchemy) and the DAG
+package; the daemon runs with the engine and the web packages alone, so it keeps this copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+class OpenAIError(Exception):
+    """Raised anywhere below a route; rendered as the error body with ``status``."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def format_loc(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """``("messages", 0, "role")`` -> ``messages[0].role``, as OpenAI names a parameter."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    err = exc.errors()[0]
+    full_loc = tuple(err.get("loc", ()))
+    loc = [p for p in full_loc if p != "body"]
+    # pydantic names the union member that failed (prompt.str, prompt.list[int]); drop it.
+    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))]
+    if err.get("type") == "json_invalid":
+        return bad_request(
+            f"the request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
+        )
+    if not loc:
+        return bad_request(
+            "the request body must be a JSON object (Content-Type: application/json)",
+            None,
+            "invalid_json",
+        )
+    param = format_loc(loc)
+    if err.get("type") == "missing":
+        return bad_request(f"{param}: required field is missing", param, "missing_field")
+    return bad_request(f"{param}: {err.get('msg')}", param)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error = _validation_error(exc)
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), None, code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "the server hit an internal error", None, "internal_error")
