@@ -81,6 +81,12 @@ def _reconciler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deepflow.engine.daemon.serve import run_from_args
+
+    return run_from_args(args)
+
+
 def _make_test_model(args: argparse.Namespace) -> int:
     from deepflow.engine.testmodel import main as make_test_model
 
@@ -137,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")
     reconciler.set_defaults(func=_reconciler)
+
+    from deepflow.engine.daemon.serve import add_arguments as add_serve_arguments
+
+    daemon = sub.add_parser("serve", help="serve one model over OpenAI's API (FlowServe)")
+    add_serve_arguments(daemon)
+    daemon.set_defaults(func=_serve)
 
     model = sub.add_parser("make-test-model", help="write a random-weight model folder")
     model.add_argument("dir")
