@@ -120,10 +120,12 @@ def make_seq(seq_id: int, ids: list[int], blocks: range) -> Sequence:
 
 def mixed_steps(runner, vocab: int) -> list[torch.Tensor]:
     """Two steps mixing a prefill chunk, whole prompts and decodes; their logits."""
-    a, b, c = (make_seq(i, tokens(n, 20 + i, vocab), range(20 * i, 20 * i + 12)) for i, n in
-               enumerate((37, 9, 16)))  # fmt: skip
-    out = [runner.execute(SchedulerOutput([ScheduledChunk(a, 10), ScheduledChunk(b, 9),
-                                           ScheduledChunk(c, 16)]))]  # fmt: skip
+    a, b, c = (
+        make_seq(i, tokens(n, 20 + i, vocab), range(20 * i, 20 * i + 12))
+        for i, n in enumerate((37, 9, 16))
+    )
+    first = [ScheduledChunk(a, 10), ScheduledChunk(b, 9), ScheduledChunk(c, 16)]
+    out = [runner.execute(SchedulerOutput(first))]
     a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 10, 9, 16
     b.token_ids.append(1)
     c.token_ids.append(2)
@@ -175,9 +177,9 @@ def test_two_ranks_equal_one_process(model_dir: Path) -> None:
     assert isinstance(runner, TensorParallelRunner) and runner.num_blocks == 96
     pids = runner.worker_pids
     try:
-        vocab = engine.vocab_size
-        for ours, theirs in zip(mixed_steps(runner, vocab), mixed_steps(reference.model_runner,
-                                                                        vocab), strict=True):  # fmt: skip
+        ours_all = mixed_steps(runner, engine.vocab_size)
+        theirs_all = mixed_steps(reference.model_runner, engine.vocab_size)
+        for ours, theirs in zip(ours_all, theirs_all, strict=True):
             assert ours.shape == theirs.shape and ours.dtype == torch.float32
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
         expected = generate(reference)
@@ -219,15 +221,14 @@ def test_shards_cover_every_tensor_exactly_once(name, tiny_model_dirs, one_kv_he
 
 def test_vocab_shards_pad_the_last_rank() -> None:
     shards = [VocabEmbedding(10, 3, TPGroup(rank, 3)) for rank in range(3)]
-    assert [(e.vocab.start, e.vocab.size, e.weight.shape[0]) for e in shards] == [
-        (0, 4, 4), (4, 4, 4), (8, 2, 4),
-    ]  # fmt: skip
+    layout = [(e.vocab.start, e.vocab.size, e.weight.shape[0]) for e in shards]
+    assert layout == [(0, 4, 4), (4, 4, 4), (8, 2, 4)]
     assert torch.equal(shards[2].weight[2:], torch.zeros(2, 3))
 
 
 def test_shapes_that_do_not_split_fail_before_any_process(tiny_llama: Path) -> None:
-    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by "
-                       r"tensor_parallel_size \(3\)"):  # fmt: skip
+    heads = r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"
+    with pytest.raises(ValueError, match=heads):
         LLMEngine(config(tiny_llama, 3))
     assert not my_workers()
     with pytest.raises(ValueError, match=r"num_key_value_heads \(3\) is not divisible"):
