@@ -42,10 +42,12 @@ class Daemon:
     def wait_idle(self, timeout: float = 10.0) -> dict[str, Any]:
         """/health once nothing runs or waits and no KV block is in use."""
         return wait_for(
-            lambda: (h := self.health().json())["running"] == 0
-            and h["waiting"] == 0
-            and h["kv_cache_usage"] == 0.0
-            and h,
+            lambda: (
+                (h := self.health().json())["running"] == 0
+                and h["waiting"] == 0
+                and h["kv_cache_usage"] == 0.0
+                and h
+            ),
             timeout,
             f"the daemon never went idle: {self.health().text}",
         )

@@ -29,9 +29,7 @@ def test_client_gone_mid_stream_aborts_and_frees_blocks(
     daemon.wait_idle()
     before = daemon.metrics()
     stream = client.completions.create(model="tiny", prompt=PROMPT, stream=True, **LONG)
-    received = 0
-    for _ in stream:
-        received += 1
+    for received, _ in enumerate(stream, 1):
         if received == 3:
             break
     busy = daemon.health().json()

@@ -94,7 +94,10 @@ def test_chat_completion_uses_the_chat_template(client: openai.OpenAI, oracle: L
     prompt = chat_prompt(oracle, MESSAGES)
     text, ids = greedy(oracle, prompt, 10)
     got = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=10, temperature=0  # type: ignore[arg-type]
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert got.object == "chat.completion"
     assert got.choices[0].message.role == "assistant"
@@ -153,7 +156,12 @@ def test_n2_samples_with_logprobs_count_in_usage(client: openai.OpenAI) -> None:
     assert got.usage.completion_tokens == sum(counts)
     assert all(len(t.top_logprobs) == 2 for c in got.choices for t in c.logprobs.content)  # type: ignore[union-attr]
     again = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, n=2, max_tokens=6, temperature=1.0, seed=11  # type: ignore[arg-type]
+        model="tiny",
+        messages=MESSAGES,
+        n=2,
+        max_tokens=6,
+        temperature=1.0,
+        seed=11,  # type: ignore[arg-type]
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in got.choices]
 
@@ -219,7 +227,10 @@ def test_errors_are_the_clients_exceptions(client: openai.OpenAI, daemon: Daemon
     assert role.value.param == "messages[0].role"
     with pytest.raises(openai.BadRequestError) as streamed:  # a stream fails before it starts
         client.chat.completions.create(
-            model="tiny", messages=MESSAGES, temperature=-2, stream=True  # type: ignore[arg-type]
+            model="tiny",
+            messages=MESSAGES,
+            temperature=-2,
+            stream=True,  # type: ignore[arg-type]
         )
     assert streamed.value.param == "temperature"
     daemon.wait_idle()

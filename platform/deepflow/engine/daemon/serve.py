@@ -98,16 +98,17 @@ def run_daemon(
 ) -> int:
     """Serve until drained (exit status 0) or interrupted. ``engine_kwargs``: EngineConfig
     fields."""
-    import uvicorn
-
-    from deepflow.engine.async_engine import AsyncLLMEngine
-    from deepflow.engine.daemon.app import build_app
-
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
     if max_waiting < 1:
         raise ValueError("--max-waiting must be at least 1")
+
+    import uvicorn
+
+    from deepflow.engine.async_engine import AsyncLLMEngine
+    from deepflow.engine.daemon.app import build_app
+
     name = served_model_name or folder.resolve().name
     engine = AsyncLLMEngine.from_model(str(folder), **engine_kwargs)
     try:
