@@ -1,0 +1,330 @@
+"""The dashboard in headless Chromium against running servers: log in, create a dag job and
+watch its graph finish, read a failed task's log, cancel a running job, see a deployment's
+instances and charts, page through a thousand jobs, and keep tenants apart."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from deepflow import dag, store
+from deepflow.dag import JobState
+from deepflow.store import (
+    InstanceState,
+    claim_task,
+    create_instance,
+    queue_task,
+    report_instance_load,
+    set_instance_state,
+    set_job_state,
+    succeed_task,
+)
+from tests.browser.conftest import BareApi, Tab, open_tab, screenshot
+from tests.browser.metrics_source import MetricsSource
+from tests.integration.conftest import Platform
+
+EMBEDDED = pytest.mark.parametrize("platform", ["embedded"], indirect=True)
+"""The integration tests' platform, on the embedded defaults only."""
+
+LOSS = [[step, round(2.5 * 0.8**step + 0.1, 4)] for step in range(12)]
+PIPELINE = {
+    "tasks": [
+        {"name": "extract", "operator": "echo", "args": {"rows": 3}},
+        {
+            "name": "train",
+            "operator": "echo",
+            "args": {"loss_history": LOSS},
+            "depends_on": ["extract"],
+        },
+        {
+            "name": "tokenize",
+            "operator": "sleep",
+            "args": {"seconds": 1.5},
+            "depends_on": ["extract"],
+        },
+        {"name": "evaluate", "operator": "noop", "depends_on": ["train", "tokenize"]},
+        {"name": "report", "operator": "echo", "args": {"ok": True}, "depends_on": ["evaluate"]},
+    ]
+}
+
+
+def log_in(page: Page, url: str, key: str, path: str = "") -> None:
+    page.goto(f"{url}/{path}")
+    page.fill("#api-key", key)
+    page.click("#login-submit")
+    expect(page.locator("#tenant")).to_be_visible()
+
+
+def node(page: Page, name: str) -> Any:
+    return page.locator(f'#dag g.node[data-task="{name}"]')
+
+
+@EMBEDDED
+def test_create_a_dag_job_and_watch_it_succeed(
+    platform: Platform, tab: Tab, tmp_path: Path
+) -> None:
+    page = tab.page
+    page.goto(platform.url)
+    expect(page.locator("#login-form")).to_be_visible()
+    page.fill("#api-key", platform.key)
+    screenshot(page, "login", tmp_path)
+    page.click("#login-submit")
+    expect(page.locator("h1", has_text="Jobs")).to_be_visible()
+
+    page.click("#new-job")
+    page.select_option("#new-job-kind", "dag")
+    page.fill("#new-job-spec", json.dumps(PIPELINE))
+    page.click("#new-job-submit")
+    expect(page.locator("#job-id")).to_contain_text("job_")
+    expect(node(page, "report")).to_be_visible()
+    first_states = page.locator("#dag g.node").evaluate_all("ns => ns.map(n => n.dataset.state)")
+    assert len(first_states) == 5 and "succeeded" not in first_states[-1:], first_states
+    expect(node(page, "tokenize")).to_have_attribute("data-state", "running", timeout=60_000)
+
+    expect(page.locator("#job-state [data-state]")).to_have_attribute(
+        "data-state", "succeeded", timeout=60_000
+    )
+    for name in ("extract", "train", "tokenize", "evaluate", "report"):
+        expect(node(page, name)).to_have_attribute("data-state", "succeeded")
+    expect(page.locator("#gantt rect.bar")).to_have_count(5)
+    expect(page.locator("#loss-chart path.line")).to_have_count(1)
+    assert "/runs/flow-run/" in (page.get_attribute("#prefect-link", "href") or "")
+    node(page, "train").click()
+    expect(page.locator("#task-output")).to_contain_text("loss_history")
+    expect(page.locator("#task-log")).to_have_attribute("data-outcome", "succeeded")
+    screenshot(page, "job", tmp_path)
+
+
+@EMBEDDED
+def test_open_a_failed_task_log(platform: Platform, tab: Tab, tmp_path: Path) -> None:
+    job = platform.post(
+        {
+            "tasks": [
+                {"name": "fetch", "operator": "echo", "args": {"rows": 1}},
+                {
+                    "name": "load",
+                    "operator": "fail",
+                    "args": {"message": "disk /data is full"},
+                    "depends_on": ["fetch"],
+                    "retries": 1,
+                    "retry_delay_s": 0.2,
+                },
+                {"name": "notify", "operator": "noop", "depends_on": ["load"]},
+            ]
+        }
+    )
+    page = tab.page
+    log_in(page, platform.url, platform.key, f"#/jobs/{job['id']}")
+    expect(page.locator("#job-state [data-state]")).to_have_attribute(
+        "data-state", "failed", timeout=60_000
+    )
+    expect(node(page, "load")).to_have_attribute("data-state", "failed")
+    expect(node(page, "notify")).to_have_attribute("data-state", "upstream_failed")
+    expect(page.locator("#job-error")).to_contain_text("load")
+    node(page, "load").click()
+    expect(page.locator("#log-tabs .tab")).to_have_count(2)
+    log = page.locator("#task-log")
+    expect(log).to_have_attribute("data-attempt", "2")
+    expect(log).to_contain_text("Traceback")
+    expect(log).to_contain_text("OperatorFailed: disk /data is full")
+    page.click('#log-tabs .tab[data-attempt="1"]')
+    expect(log).to_have_attribute("data-attempt", "1")
+    expect(page.locator("#task-detail .attempts tbody tr")).to_have_count(2)
+    screenshot(page, "failed-task-log", tmp_path)
+
+
+@EMBEDDED
+def test_cancel_a_running_job(platform: Platform, tab: Tab) -> None:
+    job = platform.post(
+        {
+            "tasks": [
+                {"name": "warmup", "operator": "noop"},
+                {
+                    "name": "long",
+                    "operator": "sleep",
+                    "args": {"seconds": 60},
+                    "depends_on": ["warmup"],
+                },
+                {"name": "after", "operator": "noop", "depends_on": ["long"]},
+            ]
+        }
+    )
+    page = tab.page
+    log_in(page, platform.url, platform.key, f"#/jobs/{job['id']}")
+    expect(node(page, "long")).to_have_attribute("data-state", "running", timeout=60_000)
+    page.click("#cancel-job")
+    expect(page.locator("#job-state [data-state]")).to_have_attribute("data-state", "cancelled")
+    expect(node(page, "long")).to_have_attribute("data-state", "cancelled")
+    expect(node(page, "after")).to_have_attribute("data-state", "cancelled")
+    expect(page.locator("#retry-job")).to_be_visible()
+    assert platform.wait(job["id"])["state"] == "cancelled"
+
+
+@EMBEDDED
+def test_list_filters_and_a_second_tenant_sees_nothing(
+    platform: Platform, browser: Any, tab: Tab, tmp_path: Path
+) -> None:
+    page = tab.page
+    log_in(page, platform.url, platform.key)
+    expect(page.locator("#jobs-body tr[data-job]").first).to_be_visible()
+    rows = page.locator("#jobs-body tr[data-job]")
+    assert rows.count() >= 3
+    page.select_option("#state-filter", "failed")
+    expect(page.locator("#jobs-body tr[data-job] [data-state]").first).to_have_attribute(
+        "data-state", "failed"
+    )
+    page.select_option("#state-filter", "")
+    expect(page.locator("#page-range")).to_contain_text(f"of {rows.count()}")
+    screenshot(page, "jobs", tmp_path)
+    acme_job = page.locator("#jobs-body tr[data-job]").first.get_attribute("data-job")
+
+    with platform.db.transaction() as s:
+        _, other = store.create_api_key(s, "globex")
+    second = open_tab(browser)
+    try:
+        log_in(second.page, platform.url, other)
+        expect(second.page.locator("#tenant")).to_contain_text("globex")
+        expect(second.page.locator("#jobs-body td.empty")).to_contain_text("No jobs yet")
+        expect(second.page.locator("#page-range")).to_have_text("0–0 of 0")
+        second.errors.expect(r"404")  # the direct link to acme's job is answered 404
+        second.page.goto(f"{platform.url}/#/jobs/{acme_job}")
+        expect(second.page.locator(".error-box")).to_contain_text("No job")
+        assert second.errors.seen == [] and second.errors.allowed == []
+    finally:
+        second.page.context.close()
+
+
+@pytest.fixture
+def metrics_source() -> Iterator[MetricsSource]:
+    source = MetricsSource(model="tiny-llama")
+    yield source
+    source.close()
+
+
+def _deployment(api: BareApi, tenant_key: str, source: MetricsSource) -> str:
+    """A serve job with two ready replicas (one scraped for metrics) and one starting."""
+    with api.db.transaction() as s:
+        tenant = store.authenticate(s, tenant_key)
+        assert tenant is not None
+        job, _ = store.create_job(
+            s, tenant.id, dag.plan("serve", {"model": "tiny-llama", "replicas": 3}), "serve"
+        )
+        set_job_state(s, job, JobState.RUNNING)
+        specs = [
+            ("prefill", source.address, 0.42),
+            ("decode", "127.0.0.1:9", 0.18),
+            ("both", None, 0.0),
+        ]
+        for i, (role, address, kv) in enumerate(specs):
+            inst = create_instance(
+                s,
+                tenant.id,
+                model_name="tiny-llama",
+                device=f"cpu:{i}",
+                job_id=job.id,
+                address=address,
+                role=role,
+            )
+            s.flush()
+            if address:
+                set_instance_state(s, inst.id, InstanceState.READY)
+                report_instance_load(s, inst.id, running=2 + i, waiting=i, kv_cache_usage=kv)
+        return job.id
+
+
+def _finetune_with_loss(api: BareApi, tenant_key: str) -> None:
+    with api.db.transaction() as s:
+        tenant = store.authenticate(s, tenant_key)
+        assert tenant is not None
+        spec = {"model": "tiny-llama", "training_file": "file-train.jsonl"}
+        job, _ = store.create_job(s, tenant.id, dag.plan("finetune", spec), "finetune")
+        train = next(t for t in job.tasks if t.name == "train")
+    for task in (t for t in job.tasks if t.name in ("validate_data", "train")):
+        with api.db.transaction() as s:
+            queued = queue_task(s, task.id)
+            claim_task(s, task.id, "browser-test", queued.attempt, 30.0)
+            output = {"loss_history": LOSS} if task.id == train.id else {"rows": 100}
+            succeed_task(s, task.id, "browser-test", queued.attempt, output)
+
+
+def test_deployment_instances_charts_and_loss(
+    bare_api: BareApi, metrics_source: MetricsSource, tab: Tab, tmp_path: Path
+) -> None:
+    key = bare_api.key("serving-team")
+    deployment = _deployment(bare_api, key, metrics_source)
+    _finetune_with_loss(bare_api, key)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.wait(0.2):
+            i += 1
+            metrics_source.serve(4 + i % 5, ttft_s=0.04 + 0.01 * (i % 4), tpot_s=0.012, seed=i)
+            metrics_source.load(running=2 + i % 3, waiting=i % 2, kv=0.3 + 0.05 * (i % 4))
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        page = tab.page
+        log_in(page, bare_api.url, key, "#/deployments")
+        card = page.locator(f'article.deployment[data-deployment="{deployment}"]')
+        expect(card).to_be_visible()
+        expect(card.locator("tr[data-instance]")).to_have_count(3)
+        expect(card.locator('[data-health="healthy"]')).to_have_count(2)
+        expect(card.locator("tr[data-state=starting]")).to_have_count(1)
+        expect(card.locator("td", has_text="prefill")).to_be_visible()
+        expect(card.locator("svg.timeline circle.event-dot")).to_have_count(7)
+        ttft = page.locator(f'[id="{deployment}-ttft"]')
+        expect(ttft.locator("path.line").first).to_be_visible(timeout=15_000)
+        page.wait_for_timeout(2500)  # a few more points, for the picture
+        screenshot(page, "deployments", tmp_path)
+
+        page.click('a[data-nav="metrics"]')
+        expect(page.locator("#deployment-picker")).to_have_value(deployment)
+        for chart in ("m-ttft", "m-tpot", "m-throughput", "m-load", "m-kv"):
+            expect(page.locator(f"#{chart} path.line").first).to_be_visible()
+        expect(page.locator("#loss-curves figure path.line")).to_have_count(1)
+        screenshot(page, "metrics", tmp_path)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_thousand_jobs_stay_usable(bare_api: BareApi, tab: Tab, tmp_path: Path) -> None:
+    key = bare_api.key("bigco")
+    plan = dag.plan(
+        "dag",
+        {
+            "tasks": [
+                {"name": "a", "operator": "noop"},
+                {"name": "b", "operator": "noop", "depends_on": ["a"]},
+            ]
+        },
+    )
+    with bare_api.db.transaction() as s:
+        tenant = store.authenticate(s, key)
+        assert tenant is not None
+        ids = [store.create_job(s, tenant.id, plan, "dag")[0].id for _ in range(1000)]
+        for job_id in ids[::3]:
+            store.cancel_job(s, tenant.id, job_id)
+    page = tab.page
+    log_in(page, bare_api.url, key)
+    expect(page.locator("#page-range")).to_have_text("1–50 of 1000")
+    expect(page.locator("#jobs-body tr[data-job]")).to_have_count(50)
+    screenshot(page, "jobs-1000", tmp_path)
+    page.click("#next-page")
+    expect(page.locator("#page-range")).to_have_text("51–100 of 1000")
+    page.select_option("#state-filter", "cancelled")
+    expect(page.locator("#page-range")).to_have_text("1–50 of 334")
+    page.select_option("#state-filter", "")
+    page.fill("#job-search", ids[500][-12:])
+    expect(page.locator("#page-range")).to_have_text("1–1 of 1")
+    expect(page.locator(f'#jobs-body tr[data-job="{ids[500]}"]')).to_be_visible()
+    page.locator(f'#jobs-body tr[data-job="{ids[500]}"]').click()
+    expect(page.locator("#job-id")).to_have_text(ids[500])
