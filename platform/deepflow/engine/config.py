@@ -30,8 +30,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
-    enforce_eager: bool = True
-    """No graph capture (the accelerator fast path turns it off)."""
+    enforce_eager: bool = False
+    """No graph capture. Otherwise decode steps on an accelerator running the Triton kernels
+    replay graphs captured for a ladder of batch sizes (the CPU always runs eagerly)."""
+    kernel_backend: str = "auto"
+    """auto | torch | triton: the fused Triton kernels or the torch reference layers; auto takes
+    the device's choice (triton on CUDA when it imports, torch elsewhere)."""
+    async_scheduling: bool | None = None
+    """Schedule and prepare step N+1 while the device runs step N (sampled tokens come back
+    one step late). None: on for accelerators, off on the CPU, where there is nothing to hide."""
+    max_graph_batch_size: int | None = None
+    """Largest decode batch replayed from a graph; None takes max_num_seqs (at most 512)."""
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
@@ -47,5 +56,9 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be at least 1")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be auto, torch or triton: {self.kernel_backend}")
+        if self.max_graph_batch_size is not None and self.max_graph_batch_size < 1:
+            raise ValueError("max_graph_batch_size must be at least 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")

@@ -106,6 +106,18 @@ class Device:
         return self.is_accelerator
 
     @property
+    def kernel_backend(self) -> str:
+        """"triton" where the fused Triton kernels run (CUDA with triton importable), else
+        "torch" (the reference layers: the CPU, and the NPU until it has kernels of its own)."""
+        if self.type != "cuda":
+            return "torch"
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return "torch"
+        return "triton"
+
+    @property
     def dist_backend(self) -> str:
         """The torch.distributed backend for collectives between devices of this type."""
         return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[self.type]
@@ -130,6 +142,14 @@ class Device:
 
     def memory_allocated(self) -> int:
         return 0 if self._mod is None else int(self._mod.memory_allocated(self.torch_device))
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes held by tensors since the last reset_peak_memory_stats (0 on the CPU)."""
+        return 0 if self._mod is None else int(self._mod.max_memory_allocated(self.torch_device))
+
+    def reset_peak_memory_stats(self) -> None:
+        if self._mod is not None:
+            self._mod.reset_peak_memory_stats(self.torch_device)
 
     def empty_cache(self) -> None:
         if self._mod is not None:

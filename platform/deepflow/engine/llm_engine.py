@@ -1,4 +1,10 @@
-"""The engine loop: admit requests, then step (schedule, run, sample, collect) until done."""
+"""The engine loop: admit requests, then step (schedule, run, sample, collect) until done.
+
+With async scheduling (on accelerators) a step schedules and launches step N+1 before it reads
+step N's samples: N's tokens stand in the sequences as PENDING_TOKEN and reach N+1's inputs on
+the device; the host then waits once for N's samples, fills them in and emits N's outputs while
+the device runs N+1. A sequence that N finishes (EOS, a stop string) has had one wasted step.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,13 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.detokenizer import IncrementalDetokenizer
-from deepflow.engine.sampler import Logprob, Sampler, SamplerOutput
+from deepflow.engine.sampler import Logprob, SampledBatch, Sampler, SamplerOutput, to_device
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import Scheduler
+from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, Scheduler
 from deepflow.engine.sequence import Sequence, SequenceGroup
 
 
@@ -68,6 +76,17 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose samples have not reached the host: row i is seqs[i]'s token."""
+
+    seqs: list[Sequence]
+    sampled: SampledBatch
+
+    def pending(self) -> PendingTokens:
+        return PendingTokens(self.sampled.tokens, {s.seq_id: i for i, s in enumerate(self.seqs)})
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_runner: Any = None, tokenizer: Any = None
@@ -96,6 +115,14 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        overlap = config.async_scheduling
+        if overlap is None:
+            overlap = getattr(getattr(model_runner, "device", None), "is_accelerator", False)
+        # A runner must be able to feed tokens still on the device (ModelRunner can).
+        self.async_scheduling = bool(overlap) and getattr(
+            model_runner, "supports_pending_tokens", False
+        )
+        self._inflight: _InFlight | None = None
 
     @classmethod
     def from_model(cls, model_dir: str, **kwargs: Any) -> LLMEngine:
@@ -167,8 +194,12 @@ class LLMEngine:
         if group.request_id in self.requests:
             raise ValueError(f"request {group.request_id!r} already exists")
         seq = Sequence(
-            next(self._seq_ids), group.request_id, group.prompt_token_ids, group.params,
-            group.priority, next(self._arrivals),
+            next(self._seq_ids),
+            group.request_id,
+            group.prompt_token_ids,
+            group.params,
+            group.priority,
+            next(self._arrivals),
         )
         self._attach_detokenizer(seq)
         group.seqs.append(seq)
@@ -182,6 +213,8 @@ class LLMEngine:
             return None
         for seq in group.seqs:
             if not seq.is_finished:
+                if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by a step still in flight
+                    seq.token_ids.pop()
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         group.finished_time = time.time()
@@ -196,14 +229,50 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         s, bm = self.scheduler, self.scheduler.block_manager
         return EngineStats(
-            len(s.running), len(s.waiting), bm.usage, bm.num_blocks, self.prompt_tokens,
-            self.generation_tokens, s.prefix_cache_queried_tokens, s.prefix_cache_hit_tokens,
+            len(s.running),
+            len(s.waiting),
+            bm.usage,
+            bm.num_blocks,
+            self.prompt_tokens,
+            self.generation_tokens,
+            s.prefix_cache_queried_tokens,
+            s.prefix_cache_hit_tokens,
             s.num_preemptions,
         )
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass; outputs of the requests that got tokens in it."""
+        """One forward pass; outputs of the requests that got tokens in it (with async
+        scheduling: in the pass before it, which this one overlaps)."""
+        if not self.async_scheduling:
+            return self._step_sync()
+        batch = self.scheduler.schedule()
+        sampling = [c.seq for c in batch.chunks if c.needs_logits]
+        prev, self._inflight = self._inflight, None
+        if batch.chunks:
+            pending = prev.pending() if prev is not None else None
+            logits = self.model_runner.execute(batch, pending)
+        done = prev.sampled.result() if prev is not None else None  # the step's one wait
+        if prev is not None and done is not None:
+            for seq, token in zip(prev.seqs, done.token_ids, strict=True):
+                if not seq.is_finished:
+                    seq.token_ids[-1] = token
+        if batch.chunks:
+            self.scheduler.update(batch)
+            if sampling:
+                seqs, rows = self._fork_samples(sampling)
+                sampled = self.sampler.sample(self._rows(logits, rows), seqs, self.eos_token_ids)
+                self._inflight = _InFlight(seqs, sampled)
+        outputs = []
+        if prev is not None and done is not None:
+            outputs = self._postprocess(prev.seqs, done, appended=True)
+        if self._inflight is not None:
+            for seq in self._inflight.seqs:
+                if not seq.is_finished:
+                    self._append_pending(seq)
+        return outputs
+
+    def _step_sync(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
@@ -213,8 +282,23 @@ class LLMEngine:
         if not sampling:
             return []
         seqs, rows = self._fork_samples(sampling)
-        sampled = self.sampler(logits[rows], seqs, self.eos_token_ids)
+        sampled = self.sampler(self._rows(logits, rows), seqs, self.eos_token_ids)
         return self._postprocess(seqs, sampled)
+
+    @staticmethod
+    def _rows(logits: Any, rows: list[int]) -> Any:
+        if rows == list(range(len(logits))):
+            return logits
+        return logits[to_device(rows, logits.device, torch.int64)]
+
+    def _append_pending(self, seq: Sequence) -> None:
+        """Stand the in-flight sample in; a sequence it surely ends is not scheduled again."""
+        seq.append_token(PENDING_TOKEN)
+        max_tokens = seq.params.max_tokens
+        if (
+            max_tokens is not None and seq.num_output_tokens >= max_tokens
+        ) or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finishing.add(seq.seq_id)
 
     def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """The logits row of each sequence to sample; a prompt just prefilled for ``n`` samples
@@ -234,12 +318,18 @@ class LLMEngine:
             rows += [row] * len(group)
         return seqs, rows
 
-    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _postprocess(
+        self, seqs: list[Sequence], sampled: SamplerOutput, appended: bool = False
+    ) -> list[RequestOutput]:
+        """Emit the sampled tokens; ``appended``: they already stand in ``seqs`` (async)."""
         now = time.time()
         deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
         for i, seq in enumerate(seqs):
+            if seq.is_finished:  # aborted, or ended by the step before (async scheduling)
+                continue
             token = sampled.token_ids[i]
-            seq.append_token(token)
+            if not appended:
+                seq.append_token(token)
             seq.cumulative_logprob += sampled.logprobs[i]
             top = sampled.top_logprobs[i]
             if seq.logprobs is not None and top is not None:
@@ -300,15 +390,23 @@ class LLMEngine:
             delta_text, delta_ids = deltas.get(seq.index, ("", []))
             outputs.append(
                 CompletionOutput(
-                    seq.index, seq.detokenizer.emitted_text, seq.output_token_ids,
+                    seq.index,
+                    seq.detokenizer.emitted_text,
+                    seq.output_token_ids,
                     seq.cumulative_logprob,
                     None if seq.logprobs is None else list(seq.logprobs),
-                    seq.finish_reason, seq.stop_reason,
-                    delta_text, delta_ids,
+                    seq.finish_reason,
+                    seq.stop_reason,
+                    delta_text,
+                    delta_ids,
                 )
             )
         metrics = RequestMetrics(group.arrival_time, group.first_token_time, group.finished_time)
         return RequestOutput(
-            group.request_id, group.prompt, group.prompt_token_ids, outputs,
-            group.is_finished, metrics,
+            group.request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outputs,
+            group.is_finished,
+            metrics,
         )

@@ -2,8 +2,10 @@
 
 The step's chunks (prefill chunks and decodes, any mix) become one flat batch of new tokens,
 with each token's cache slot and each chunk's block table; the model writes the new K/V into
-the cache and attends over it. Graph capture will slot in behind `enforce_eager`: today every
-step runs eagerly (enforce_eager=False is accepted and changes nothing yet). Under tensor
+the cache and attends over it. On CUDA the layers run the fused Triton kernels
+(`kernel_backend`) and pure decode steps replay captured graphs (deepflow.engine.decode_graphs,
+off with `enforce_eager`); elsewhere the torch reference layers run eagerly. Startup profiles a
+worst-case step before sizing the KV cache, which also compiles the kernels. Under tensor
 parallelism one ModelRunner runs per rank, given its `tp` group, and holds that rank's shard of
 the weights and of the KV heads (deepflow.engine.parallel.runner drives them).
 """
@@ -14,13 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deepflow.engine import kernels
 from deepflow.engine.config import EngineConfig
+from deepflow.engine.decode_graphs import DecodeGraphs
 from deepflow.engine.device import Device
-from deepflow.engine.layers.attention import AttentionMetadata
+from deepflow.engine.layers.attention import AttentionMetadata, build_fast_metadata
 from deepflow.engine.loader import load_weights
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
 from deepflow.engine.parallel.group import TPGroup
+from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens
 
 if TYPE_CHECKING:
     from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -29,6 +34,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ModelRunner:
+    supports_pending_tokens = True
+    """execute() takes the previous step's tokens on the device (the engine's async scheduling)."""
+
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None) -> None:
         self.tp = tp or TPGroup()
         if config.tensor_parallel_size != self.tp.size:
@@ -44,8 +52,11 @@ class ModelRunner:
         self.max_model_len = self.model_config.max_model_len(config.max_model_len)
         self.block_size = config.block_size
         self.model = self._load_model()
+        self.backend = self._pick_backend()
+        self.activation_bytes = self._profile_step()
         self.num_blocks = self._count_blocks()
         self.kv_cache = self._allocate_cache()
+        self.graphs = self._capture_graphs()
 
     def _pick_dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -64,6 +75,60 @@ class ModelRunner:
         load_weights(model, self.config.model)
         return model.eval().requires_grad_(False)
 
+    def _pick_backend(self) -> str:
+        if self.config.kernel_backend != "auto":
+            return self.config.kernel_backend
+        return self.device.kernel_backend
+
+    @torch.inference_mode()
+    def _profile_step(self) -> int:
+        """Peak bytes of activations of the largest eager step, measured by running one on a
+        scratch cache (on an accelerator; the CPU's budget is fixed). Compiles the kernels."""
+        if not self.device.is_accelerator:
+            return 0
+        from deepflow.engine.sampling_params import SamplingParams
+        from deepflow.engine.scheduler import ScheduledChunk
+        from deepflow.engine.sequence import Sequence
+
+        bs, budget = self.block_size, self.config.max_num_batched_tokens
+        decodes = max(0, min(self.config.max_num_seqs - 1, budget // 2, 32))
+        length = max(1, min(budget - decodes, self.max_model_len))
+        blocks = [-(-length // bs)] + [1] * decodes
+        chunks, first = [], 0
+        for i, count in enumerate(blocks):
+            n = length if i == 0 else 1
+            seq = Sequence(i, "profile", [0] * n, SamplingParams())
+            seq.block_table = list(range(first, first + count))
+            chunks.append(ScheduledChunk(seq, n))
+            first += count
+        self.device.synchronize()
+        self.device.empty_cache()
+        before = self.device.memory_allocated()
+        self.device.reset_peak_memory_stats()
+        scratch = self._cache_tensor(first)
+        self._attach_cache(scratch)
+        logits = self._run_eager(chunks, None)
+        # The sampler's worst case: a few float32 copies of max_num_seqs rows of logits.
+        del logits
+        self.device.synchronize()
+        peak = self.device.max_memory_allocated() - before - scratch.numel() * scratch.itemsize
+        del scratch
+        self._attach_cache(torch.empty(2, self.model_config.num_layers, 0))
+        self.device.empty_cache()
+        sampler = 4 * self.config.max_num_seqs * self.model_config.vocab_size * 4
+        return max(peak, 0) + sampler
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if (
+            self.config.enforce_eager
+            or self.backend != "triton"
+            or not self.device.supports_graphs
+            or self.tp.size > 1
+        ):
+            return None
+        largest = self.config.max_graph_batch_size or min(self.config.max_num_seqs, 512)
+        return DecodeGraphs(self, largest)
+
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -77,6 +142,7 @@ class ModelRunner:
             self.device.synchronize()
             self.device.empty_cache()
             free, _ = self.device.mem_get_info()
+            free = max(free - self.activation_bytes, 0)
             budget = int(free * self.config.kv_cache_memory_fraction)
         else:
             budget = self.config.kv_cache_bytes
@@ -93,44 +159,53 @@ class ModelRunner:
 
         Zeroed so that the padding slots a batched read masks out hold finite numbers.
         """
+        cache = self._cache_tensor(self.num_blocks)
+        self._attach_cache(cache)
+        return cache
+
+    def _cache_tensor(self, num_blocks: int) -> torch.Tensor:
         cfg = self.model_config
         shape = (
             2,
             cfg.num_layers,
-            self.num_blocks,
+            num_blocks,
             self.block_size,
             self.model.num_kv_heads,
             cfg.head_dim,
         )
-        cache = torch.zeros(shape, dtype=self.dtype, device=self.device.torch_device)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device.torch_device)
+
+    def _attach_cache(self, cache: torch.Tensor) -> None:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = cache[0, i], cache[1, i]
-        return cache
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: each dst block of every layer gets its src block's K and V."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device.torch_device)
-        dst = torch.tensor([d for _, d in copies], device=self.device.torch_device)
+        src, dst = self.to_device([s for s, _ in copies] + [d for _, d in copies]).chunk(2)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _to_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=torch.int64)
+    def to_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
+        """int64 values on the device, through pinned memory without waiting for the device
+        (a pageable copy would wait for every step queued before it)."""
+        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+        tensor = tensor.to(torch.int64)
         if self.device.is_accelerator:
             return tensor.pin_memory().to(self.device.torch_device, non_blocking=True)
         return tensor
 
     def prepare(
-        self, chunks: list[ScheduledChunk]
+        self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """(input ids, positions, attention metadata, rows that need logits) for one step."""
+        """(input ids, positions, attention metadata, rows that need logits) for one step.
+        A sequence's last token may still be on the device (PENDING_TOKEN): `pending` has it."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         tables: list[list[int]] = []
-        starts, lens, logit_rows = [], [], []
+        starts, lens, logit_rows, fill_dst, fill_src = [], [], [], [], []
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             end = start + n
@@ -145,22 +220,42 @@ class ModelRunner:
             lens.append(n)
             if chunk.needs_logits:
                 logit_rows.append(len(ids) - 1)
+                if ids[-1] == PENDING_TOKEN:
+                    if pending is None:
+                        raise RuntimeError(f"sequence {seq.seq_id} feeds a token not sampled yet")
+                    ids[-1] = 0
+                    fill_dst.append(len(ids) - 1)
+                    fill_src.append(pending.rows[seq.seq_id])
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            block_tables=self._to_device(padded),
-            chunk_starts=starts,
-            chunk_lens=lens,
-        )
-        return self._to_device(ids), self._to_device(positions), meta, self._to_device(logit_rows)
+        padded = [b for t in tables for b in t + [0] * (width - len(t))]
+        parts = [ids, positions, slots, logit_rows, fill_dst, fill_src, padded]
+        staged = self.to_device([v for part in parts for v in part]).split([len(p) for p in parts])
+        input_ids, positions_t, slot_mapping, rows, dst, src, table_t = staged
+        if fill_dst:
+            assert pending is not None
+            input_ids.index_copy_(0, dst, pending.tokens[src])
+        meta = AttentionMetadata(slot_mapping, table_t.view(len(tables), width), starts, lens)
+        if self.backend == "triton":
+            meta.fast = build_fast_metadata(starts, lens, tables, slots, self.to_device)
+        return input_ids, positions_t, meta, rows
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """float32 logits [chunks that need them, vocab], in chunk order, on the device."""
+    def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
+        """float32 logits [chunks that need them, vocab], in chunk order, on the device.
+        `pending`: the previous step's sampled tokens, for sequences whose last token is
+        PENDING_TOKEN (the engine schedules a step before the one before it has finished)."""
         self.copy_blocks(batch.block_copies)
         if not batch.chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device.torch_device)
-        input_ids, positions, meta, logit_rows = self.prepare(batch.chunks)
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[logit_rows]).float()
+        if self.graphs is not None and self.graphs.fits(batch.chunks):
+            return self.graphs.run(batch.chunks, pending)
+        return self._run_eager(batch.chunks, pending)
+
+    def _run_eager(
+        self, chunks: list[ScheduledChunk], pending: PendingTokens | None
+    ) -> torch.Tensor:
+        prepared = self.prepare(chunks) if pending is None else self.prepare(chunks, pending)
+        input_ids, positions, meta, logit_rows = prepared
+        with kernels.use_backend(self.backend):
+            hidden = self.model(input_ids, positions, meta)
+            return self.model.compute_logits(hidden[logit_rows]).float()

@@ -3,11 +3,16 @@
 Order (vLLM's): min_tokens mask, penalties, then greedy argmax or temperature, min-p, top-k,
 top-p and a draw. A seeded row draws from its own torch.Generator, so its tokens do not depend
 on which other rows share the batch. Logprobs are the raw ones (see SamplingParams).
+
+`sample()` only queues device work and starts one copy of its results to the host; `result()`
+waits for that copy. Nothing in between waits for the device (host values reach it through
+pinned memory), so the engine can queue the next step's forward before reading this one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +36,43 @@ class SamplerOutput:
     """Per row: the chosen token and the N most likely, where SamplingParams.logprobs=N."""
 
 
+def to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host values on `device` without waiting for the work queued there (pinned copy)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class SampledBatch:
+    """One step's samples on the device, their copy to the host under way."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        wanted: list[int | None],
+    ) -> None:
+        self.tokens = tokens
+        """[rows] int64: the sampled ids, which the next step may feed before they are read."""
+        self.wanted = wanted
+        device_side = [tokens, logprobs, *(top or ())]
+        if tokens.device.type == "cpu":
+            self._host, self._done = device_side, None
+        else:
+            self._host = [t.to("cpu", non_blocking=True) for t in device_side]
+            self._done = torch.Event(device=tokens.device)
+            self._done.record()
+
+    def result(self) -> SamplerOutput:
+        """Wait for the copy (the step's one host synchronisation) and unpack it."""
+        if self._done is not None:
+            self._done.synchronize()
+        tokens, logprobs, *top = (t.tolist() for t in self._host)
+        return SamplerOutput(tokens, logprobs, _unpack_top(top, tokens, logprobs, self.wanted))
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -39,6 +81,11 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]
     ) -> SamplerOutput:
+        return self.sample(logits, seqs, eos_token_ids).result()
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]
+    ) -> SampledBatch:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
@@ -47,23 +94,26 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
-            tokens[random_rows] = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
+            rows = to_device(random_rows, logits.device, torch.int64)
+            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return SamplerOutput(
-            tokens.tolist(), chosen.tolist(), _top_logprobs(raw_logprobs, tokens, seqs)
-        )
+        wanted = [s.params.logprobs for s in seqs]
+        return SampledBatch(tokens, chosen, _top_logprobs(raw_logprobs, tokens, wanted), wanted)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
+        temperature = to_device([s.params.temperature for s in seqs], device, torch.float32)
         logits = logits / temperature.unsqueeze(1)
         logits = _truncate(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
         out = torch.empty(len(seqs), dtype=torch.long, device=device)
         unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if len(unseeded) == len(seqs):
+            return torch.multinomial(probs, 1, generator=self._generator(device)).squeeze(1)
         if unseeded:
-            out[unseeded] = torch.multinomial(
-                probs[unseeded], 1, generator=self._generator(device)
+            rows = to_device(unseeded, device, torch.int64)
+            out[rows] = torch.multinomial(
+                probs[rows], 1, generator=self._generator(device)
             ).squeeze(1)
         for i, seq in enumerate(seqs):
             if seq.params.seed is None:
@@ -89,7 +139,7 @@ def _mask_stops_before_min_tokens(
             if not params.ignore_eos:
                 stops += eos_token_ids
             if stops:
-                logits[i, stops] = float("-inf")
+                logits[i, to_device(stops, logits.device, torch.int64)] = float("-inf")
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -107,35 +157,38 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
     for r, i in enumerate(rows):
         seq = seqs[i]
-        seen[r, torch.tensor(seq.token_ids, device=device)] = True
-        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+        seen[r, to_device(seq.token_ids, device, torch.int64)] = True
+        out = to_device(seq.output_token_ids, device, torch.int64)
         counts[r].index_add_(0, out, torch.ones(len(out), device=device))
 
     def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(seqs[i].params, name) for i in rows], device=device)[:, None]
+        return to_device([getattr(seqs[i].params, name) for i in rows], device, torch.float32)[
+            :, None
+        ]
 
-    sub = logits[rows]
+    index = to_device(rows, device, torch.int64)
+    sub = logits[index]
     rep = column("repetition_penalty")
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - column("frequency_penalty") * counts
     sub = sub - column("presence_penalty") * (counts > 0).float()
-    logits[rows] = sub
+    logits[index] = sub
 
 
 def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """min-p, then top-k, then top-p: set the tokens each one drops to -inf."""
     device, vocab = logits.device, logits.shape[1]
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    if (min_p > 0).any():
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = to_device([s.params.min_p for s in seqs], device, torch.float32)
         probs = torch.softmax(logits, dim=-1)
         floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
-    top_k = torch.tensor(
-        [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=device
-    )
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    if (top_k >= vocab).all() and (top_p >= 1).all():
+    k_list = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
+    p_list = [s.params.top_p for s in seqs]
+    if all(k >= vocab for k in k_list) and all(p >= 1 for p in p_list):
         return logits
+    top_k = to_device(k_list, device, torch.int64)
+    top_p = to_device(p_list, device, torch.float32)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     positions = torch.arange(vocab, device=device).unsqueeze(0)
     drop = positions >= top_k.unsqueeze(1)
@@ -150,27 +203,31 @@ def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _top_logprobs(
-    raw_logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
-) -> list[dict[int, Logprob] | None]:
-    wanted = [s.params.logprobs for s in seqs]
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rank of the chosen token, top values, top ids) on the device, if any row wants them."""
     if all(n is None for n in wanted):
-        return [None] * len(seqs)
+        return None
     most = max(n or 0 for n in wanted)
-    top_values, top_ids = raw_logprobs.topk(most, dim=-1) if most else (None, None)
+    top_values, top_ids = raw_logprobs.topk(most, dim=-1)
     chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
-    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
-    chosen_list, tokens_list = chosen.squeeze(1).tolist(), tokens.tolist()
+    ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+    return ranks, top_values, top_ids
+
+
+def _unpack_top(
+    top: list[Any], tokens: list[int], chosen: list[float], wanted: list[int | None]
+) -> list[dict[int, Logprob] | None]:
+    if not top:
+        return [None] * len(wanted)
+    ranks, top_values, top_ids = top
     out: list[dict[int, Logprob] | None] = []
     for i, n in enumerate(wanted):
         if n is None:
             out.append(None)
             continue
-        row = {tokens_list[i]: Logprob(chosen_list[i], ranks[i])}
-        if n:
-            assert top_values is not None and top_ids is not None
-            for rank, (tid, lp) in enumerate(
-                zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist(), strict=True), 1
-            ):
-                row.setdefault(tid, Logprob(lp, rank))
+        row = {tokens[i]: Logprob(chosen[i], ranks[i])}
+        for rank, (tid, lp) in enumerate(zip(top_ids[i][:n], top_values[i][:n], strict=True), 1):
+            row.setdefault(tid, Logprob(lp, rank))
         out.append(row)
     return out

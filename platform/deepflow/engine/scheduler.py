@@ -12,10 +12,23 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 from deepflow.engine.block_manager import BlockManager
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.sequence import Sequence, SequenceStatus
+
+PENDING_TOKEN = -1
+"""Stands in a sequence's token_ids for a token the previous step sampled that has not reached
+the host yet (async scheduling); the runner feeds it from `PendingTokens` on the device."""
+
+
+@dataclass(slots=True)
+class PendingTokens:
+    """The previous step's sampled tokens, still on the device."""
+
+    tokens: Any  # torch.Tensor [rows] int64
+    rows: dict[int, int]  # seq_id -> its row in `tokens`
 
 
 @dataclass(slots=True)
@@ -56,6 +69,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
+        self.finishing: set[int] = set()
+        """Sequences whose in-flight sample surely ends them (async scheduling): not scheduled."""
         self._budget = 0
         self._chunks: dict[int, ScheduledChunk] = {}
         self._copies: dict[int, list[tuple[int, int]]] = {}
@@ -79,12 +94,17 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self.finishing.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
         self._budget = self.max_num_batched_tokens
         self._chunks, self._copies = {}, {}
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        decodes = [
+            s
+            for s in self.running
+            if s.num_uncomputed_tokens == 1 and s.seq_id not in self.finishing
+        ]
         prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decodes + prefills:
             if seq.status is SequenceStatus.RUNNING:  # not preempted by an earlier one
@@ -144,10 +164,7 @@ class Scheduler:
         victims = [s for s in reversed(self.running) if s.sort_key > seq.sort_key]
         hit_set = set(hits)
         reclaimable = sum(
-            1
-            for v in victims
-            for b in v.block_table
-            if bm.ref_count(b) == 1 and b not in hit_set
+            1 for v in victims for b in v.block_table if bm.ref_count(b) == 1 and b not in hit_set
         )
         revived = sum(1 for b in hits if bm.ref_count(b) == 0)
         needed = -(-end // bm.block_size) - len(hits) + revived
