@@ -5,7 +5,7 @@ import { niceTicks } from "./line.js";
 
 const ROW = 22;
 const LABEL = 150;
-const WIDTH = 900;
+const WIDTH = 1200;
 const AXIS = 22;
 
 export function ganttSvg(tasks, now = Date.now()) {

@@ -14,9 +14,9 @@ export function niceTicks(lo, hi, n = 5) {
   return ticks;
 }
 
-const W = 560;
-const H = 210;
-const M = { l: 52, r: 12, t: 12, b: 26 };
+const W = 440;
+const H = 190;
+const M = { l: 54, r: 14, t: 10, b: 24 };
 
 function clock(t) {
   return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });

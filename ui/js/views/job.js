@@ -149,7 +149,7 @@ export function mount_(main, ctx, { id, query }) {
     const attempts = task.attempts.map((a) => h("tr", {},
       h("td", {}, a.attempt), h("td", {}, badge(a.state)), h("td", { class: "mono" }, a.worker || "—"),
       h("td", {}, time(a.started_at)), h("td", {}, duration(a.duration_s ?? elapsed(a.started_at))),
-      h("td", { class: "clip" }, a.error || "")));
+      h("td", { class: "clip", title: a.error || "" }, a.error || "")));
     mount(detail,
       h("div", { class: "detail-head" }, h("h3", {}, task.name), badge(task.state)),
       h("dl", { class: "facts" },
@@ -157,8 +157,8 @@ export function mount_(main, ctx, { id, query }) {
           ["Resource", task.resource_class], ["Timeout", duration(task.timeout_s)]].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
       task.error ? h("div", { class: "error-box" }, task.error) : null,
       h("h4", {}, "Attempts"),
-      attempts.length ? h("table", { class: "attempts" }, h("thead", {}, h("tr", {},
-        ["#", "State", "Worker", "Started", "Duration", "Error"].map((c) => h("th", {}, c)))), h("tbody", {}, attempts))
+      attempts.length ? h("div", { class: "scroll" }, h("table", { class: "attempts" }, h("thead", {}, h("tr", {},
+        ["#", "State", "Worker", "Started", "Duration", "Error"].map((c) => h("th", {}, c)))), h("tbody", {}, attempts)))
         : h("p", { class: "muted" }, "Not started yet."),
       h("h4", {}, "Log"), logTabs, logPre,
       h("h4", {}, "Output"), h("pre", { class: "output", id: "task-output" }, task.output === null ? "—" : json(task.output)));
@@ -178,7 +178,7 @@ export function mount_(main, ctx, { id, query }) {
     mount(graph, dagSvg(tasks, { onSelect: select, selected }));
     mount(gantt, ganttSvg(tasks));
     const curves = lossChart(tasks);
-    mount(loss, curves ? [h("h2", {}, "Loss"), curves] : []);
+    mount(loss, curves ? [h("h2", {}, "Loss"), h("div", { class: "charts two" }, curves)] : []);
     renderTasks();
     renderDetail();
     renderEvents();
