@@ -41,6 +41,9 @@ from deepflow.store import Database, create_api_key, schema  # noqa: E402
 
 LEVELS, WIDTH = 4, 50
 BROKER = "redis://127.0.0.1:6379/8"
+CELERY = "plain Celery (group per level)"
+PREFECT = "Prefect ThreadPoolTaskRunner"
+DEEPFLOW = "DeepFlow (API -> Prefect -> Celery)"
 PEER_BROKER = "redis://127.0.0.1:6379/9"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -94,7 +97,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         auth = {"Authorization": f"Bearer {key}"}
         body = {"kind": "dag", "spec": dag_spec()}
         for run in range(runs + 1):  # the first run warms the workers up and is not counted
-            t0 = time.perf_counter()
+            t0, posted = time.perf_counter(), time.time()
             job = httpx.post(f"{api.url}/v1/jobs", json=body, headers=auth, timeout=60).json()
             while job["state"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(0.05)  # poll the list (job summaries), not the 7,500-edge job
@@ -105,7 +108,11 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
             started = _ts(job["started_at"])
             finished = _ts(job["finished_at"])
             label = "warm-up" if run == 0 else f"run {run}"
-            print(f"  deepflow {label}: {wall:.2f}s end to end, {finished - started:.2f}s running")
+            waited = started - posted
+            print(
+                f"  deepflow {label}: {wall:.2f}s end to end, {waited:.2f}s to start, "
+                f"{finished - started:.2f}s running"
+            )
             if run:
                 walls.append(wall)
                 inner.append(finished - started)
@@ -211,24 +218,31 @@ for run in range(RUNS + 1):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--only", choices=["celery", "prefect", "deepflow"], help="run one system (no ratio)"
+    )
     args = parser.parse_args()
     tasks = LEVELS * WIDTH
     with tempfile.TemporaryDirectory(prefix="dag-overhead-") as tmp:
         home = Path(tmp)
         results: dict[str, list[float]] = {}
-        steps: list[tuple[str, Callable[[], Any]]] = [
-            ("plain Celery (group per level)", lambda: bench_celery(args.runs, home)),
-            ("Prefect ThreadPoolTaskRunner", lambda: bench_prefect_threads(args.runs, home)),
-            ("DeepFlow (API -> Prefect -> Celery)", lambda: bench_deepflow(args.runs, home)),
+        steps: list[tuple[str, str, Callable[[], Any]]] = [
+            ("celery", CELERY, lambda: bench_celery(args.runs, home)),
+            ("prefect", PREFECT, lambda: bench_prefect_threads(args.runs, home)),
+            ("deepflow", DEEPFLOW, lambda: bench_deepflow(args.runs, home)),
         ]
-        for name, step in steps:
+        for key, name, step in steps:
+            if args.only not in (None, key):
+                continue
             print(f"running {name} ...", flush=True)
             out = step()
             if isinstance(out, tuple):
                 results[name], results["DeepFlow, job running only"] = out
             else:
                 results[name] = out
-    celery = statistics.median(results["plain Celery (group per level)"]) / tasks
+    if args.only:
+        return
+    celery = statistics.median(results[CELERY]) / tasks
     print(f"\n{tasks} noop tasks, {LEVELS} levels x {WIDTH}, 2 workers, median of {args.runs}")
     print(f"{'system':<38} {'s/job':>8} {'ms/task':>9} {'x Celery':>9}")
     for name, times in results.items():

@@ -7,10 +7,14 @@ the flow run's id so a retried flow run finds the same job.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from celery import Celery
+from prefect import get_run_logger
 from prefect.context import get_run_context
 from prefect.states import State
+from sqlalchemy import select
 
 from deepflow import dag, store
 from deepflow.config import Settings
@@ -30,6 +34,29 @@ def create_job_for_flow_run(
         return job.id
 
 
+_apps: dict[str, Celery] = {}
+
+
+def _celery_app(settings: Settings) -> Celery:
+    """One Celery app per broker per process: a warm flow-run process made it already."""
+    if settings.broker_url not in _apps:
+        _apps[settings.broker_url] = make_app(settings)
+    return _apps[settings.broker_url]
+
+
+def warm_up() -> None:
+    """What every flow run needs before its first task, done ahead of time by a warm
+    process (``flows.warm_pool``): plugins loaded, a database connection, the Celery app
+    and its broker connection."""
+    settings = Settings.from_env()
+    operators.load_plugins(settings.operator_modules)
+    db = store.get_database(settings.database_url)
+    with db.transaction() as session:
+        session.execute(select(1))
+    with _celery_app(settings).connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+
+
 def run_job_flow(
     kind: str, job_id: str | None, spec: dict[str, Any] | None, tenant: str
 ) -> State[Any] | dict[str, Any] | None:
@@ -43,8 +70,9 @@ def run_job_flow(
         job_id = create_job_for_flow_run(db, kind, spec, tenant, flow_run_id)
     with db.transaction() as session:
         store.attach_flow_run(session, job_id, flow_run_id)
+    get_run_logger().info("driving job %s in process %d", job_id, os.getpid())
     runner = CeleryTaskRunner(
-        make_app(settings), default_queue="cpu", route=route_by_queue_parameter
+        _celery_app(settings), default_queue="cpu", route=route_by_queue_parameter
     )
     with runner:
         job = JobDriver(db, job_id, runner).run()

@@ -57,7 +57,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _flows_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_all
 
-    serve_all(limit=args.limit)
+    serve_all(limit=args.limit, warm=args.warm)
     return 0
 
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve = flows.add_parser("serve", help="register and run the job-kind deployments")
     serve.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+    serve.add_argument(
+        "--warm", type=int, default=1, help="flow-run processes kept imported and ready (0: none)"
+    )
     serve.set_defaults(func=_flows_serve)
 
     reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,28 @@ def test_killed_worker_loses_no_work_and_attempts_never_overlap(
         if e["entity_id"] == job["tasks"][0]["id"]
     ]
     assert ("RetryTask", 1) in rules and ("SucceedTask", 2) in rules
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_flow_runs_start_in_a_process_warmed_before_the_job(platform: Platform) -> None:
+    """The runner hands each flow run to a process it spawned (and imported) ahead of time."""
+    (runner,) = [p for p in platform.stack.parts if p.name == "flow runner"]
+    assert runner.proc is not None
+    deadline = time.monotonic() + 60
+    while not (before := _children(runner.proc.pid)):
+        assert time.monotonic() < deadline, "the runner spawned no warm process"
+        time.sleep(0.2)
+    time.sleep(1)  # let a replacement spawned by an earlier test's flow run settle
+    before = _children(runner.proc.pid)
+    job = platform.wait(platform.post({"tasks": [{"name": "only", "operator": "noop"}]})["id"])
+    assert job["state"] == "succeeded", job
+    ran_in = re.findall(rf"driving job {job['id']} in process (\d+)", runner.log.read_text())
+    assert len(ran_in) == 1 and int(ran_in[0]) in before, (ran_in, before)
+    deadline = time.monotonic() + 60
+    while not (_children(runner.proc.pid) - before):
+        assert time.monotonic() < deadline, "no replacement warm process"
+        time.sleep(0.2)

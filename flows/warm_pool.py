@@ -1,0 +1,148 @@
+"""Warm flow-run processes: each job's flow run starts in a process that has already imported
+Prefect, our flows, the store and Celery.
+
+Prefect's runner starts every flow run of a served flow in a fresh spawned process
+(``run_flow_in_subprocess``), which spends most of its first two seconds importing. Here
+``size`` processes are spawned ahead of time; each imports everything, then waits on a pipe
+for exactly one flow run, runs it the way Prefect's own child does (control channel, settings
+from the environment, engine signal handling) and exits. The runner still gets a real
+``SpawnProcess``, so its cancellation, kill and exit-code handling are unchanged; a
+replacement is spawned in the background as soon as one is taken.
+
+Prefect's ``DirectSubprocessStarter`` looks ``run_flow_in_subprocess`` up in its module on
+every start ("patch the module to override", its docstring says); ``install`` does that. The
+hook is Prefect-internal, which is why ``prefect`` is pinned below 3.9 and
+``tests/workers/test_warm_pool.py`` checks the runner really uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from multiprocessing.context import SpawnProcess
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
+
+log = logging.getLogger(__name__)
+
+
+def _child(conn: multiprocessing.connection.Connection) -> None:
+    """A warm process: import everything, then run the one flow run it is handed."""
+    from prefect.flow_engine import run_flow
+
+    import flows.deployments  # noqa: F401  (the imports are the point)
+
+    try:
+        payload = conn.recv_bytes()
+    except (EOFError, OSError):  # the pool closed, or the runner died
+        return
+    flow, flow_run, env, context = cloudpickle.loads(payload)
+    _run_like_prefect(run_flow, flow, flow_run, env, context)
+
+
+def _run_like_prefect(
+    run_flow: Any, flow: Flow[..., Any], flow_run: FlowRun, env: dict[str, str | None], context: Any
+) -> None:
+    """What Prefect's own flow-run child does, after its imports."""
+    import asyncio
+
+    from prefect._internal.control_listener import configure_from_env
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.flow_engine import handle_engine_signals
+    from prefect.settings.models.root import Settings
+
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    os.environ["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
+    configure_from_env()  # consumes the control-channel port and token
+    settings: AbstractContextManager[Any] = nullcontext()
+    if any(k.startswith("PREFECT_") and not k.startswith("PREFECT__") for k in env):
+        # a setting changed: build settings again (slow: hundreds of pydantic models)
+        profile = get_settings_context().profile
+        settings = SettingsContext(profile=profile, settings=Settings())
+    with settings, handle_engine_signals(flow_run.id):
+        result = run_flow(flow, flow_run=flow_run, context=context)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+
+
+class WarmPool:
+    """Keeps ``size`` spawned processes ready; ``start_flow_run`` hands one a flow run."""
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._idle: list[tuple[SpawnProcess, multiprocessing.connection.Connection]] = []
+        self._closed = False
+
+    def fill(self) -> None:
+        """Spawn processes until ``size`` are idle (they warm up in the background)."""
+        with self._lock:
+            self._idle = [(p, c) for p, c in self._idle if p.is_alive()]
+            while not self._closed and len(self._idle) < self.size:
+                self._idle.append(self._spawn())
+
+    def _spawn(self) -> tuple[SpawnProcess, multiprocessing.connection.Connection]:
+        ours, theirs = self._ctx.Pipe()
+        process = self._ctx.Process(target=_child, args=(theirs,), name="deepflow-flow-run")
+        process.start()
+        theirs.close()
+        return process, ours
+
+    def _take(self) -> tuple[SpawnProcess, multiprocessing.connection.Connection]:
+        with self._lock:
+            while self._idle:
+                process, conn = self._idle.pop(0)
+                if process.is_alive():
+                    return process, conn
+                conn.close()
+            return self._spawn()  # none warm: a cold one still beats nothing
+
+    def start_flow_run(
+        self,
+        flow: Flow[..., Any],
+        flow_run: FlowRun | None = None,
+        env: dict[str, str | None] | None = None,
+        **_: Any,
+    ) -> SpawnProcess:
+        """Same contract as Prefect's ``run_flow_in_subprocess``: a started process running
+        ``flow_run``."""
+        from prefect.context import serialize_context
+
+        process, conn = self._take()
+        context = serialize_context()
+        conn.send_bytes(cloudpickle.dumps((flow, flow_run, dict(env or {}), context)))
+        conn.close()
+        threading.Thread(target=self.fill, name="warm-pool-fill", daemon=True).start()
+        return process
+
+    def close(self) -> None:
+        """Idle processes see their pipe close and exit."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for process, conn in idle:
+            conn.close()
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+
+
+def install(pool: WarmPool) -> None:
+    """Make Prefect's runner start flow runs of served flows through ``pool``."""
+    from prefect.runner import _starter_direct
+
+    _starter_direct.run_flow_in_subprocess = pool.start_flow_run  # type: ignore[assignment]
