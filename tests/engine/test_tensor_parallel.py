@@ -80,7 +80,7 @@ def model_dir(request, tiny_model_dirs, small_model_dirs, one_kv_head) -> Path:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def config(folder: Path, tp: int) -> EngineConfig:
+def config(folder: Path, tp: int, async_scheduling: bool = False) -> EngineConfig:
     return EngineConfig(
         model=str(folder),
         device="cpu",
@@ -88,6 +88,7 @@ def config(folder: Path, tp: int) -> EngineConfig:
         num_kv_blocks=96,
         max_num_batched_tokens=16,  # the 19- and 37-token prompts prefill in chunks
         tensor_parallel_size=tp,
+        async_scheduling=async_scheduling,
     )
 
 
@@ -164,15 +165,23 @@ def my_workers() -> list[int]:
 
 # ---- tests --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "model_dir",
-    ["tiny-llama", "tiny-qwen2", "small-llama", "small-qwen2", "kv1-llama"],
-    indirect=True,
+    ("model_dir", "async_scheduling"),
+    [
+        ("tiny-llama", False),
+        ("tiny-qwen2", False),
+        ("small-llama", True),
+        ("small-qwen2", True),
+        ("kv1-llama", True),
+    ],
+    indirect=["model_dir"],
 )
-def test_two_ranks_equal_one_process(model_dir: Path) -> None:
+def test_two_ranks_equal_one_process(model_dir: Path, async_scheduling: bool) -> None:
     """kv heads == ranks (tiny), > ranks (small), < ranks (kv1: replicated); qwen2 has q/k/v
-    biases and a tied head."""
+    biases and a tied head. With async scheduling the previous step's samples reach the workers
+    from rank 0's device; the reference always runs synchronously."""
     reference = LLMEngine(config(model_dir, 1))
-    engine = LLMEngine(config(model_dir, 2))
+    engine = LLMEngine(config(model_dir, 2, async_scheduling))
+    assert engine.async_scheduling == async_scheduling
     runner = engine.model_runner
     assert isinstance(runner, TensorParallelRunner) and runner.num_blocks == 96
     pids = runner.worker_pids

@@ -90,6 +90,12 @@ class TPGroup:
             dist.all_reduce(x)
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank, in place."""
+        if self.size > 1:
+            dist.broadcast(x, src=0)
+        return x
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` concatenated along the last dimension, in rank order."""
         if self.size == 1:

@@ -38,7 +38,7 @@ from deepflow.engine.parallel.step import STOP, pack
 from deepflow.engine.parallel.worker import HOST, STORE_TIMEOUT, WorkerSetup, join_group
 
 if TYPE_CHECKING:
-    from deepflow.engine.scheduler import SchedulerOutput
+    from deepflow.engine.scheduler import PendingTokens, SchedulerOutput
 
 SOURCE_ROOT = Path(__file__).resolve().parents[3]
 """The folder holding the deepflow package: a worker's interpreter must import it."""
@@ -173,7 +173,11 @@ class TensorParallelRunner:
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._group.workers]
 
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+    supports_pending_tokens = True
+    """execute() takes the previous step's samples on the device: they are broadcast to the
+    workers after the step's message (the engine's async scheduling)."""
+
+    def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
         """ModelRunner.execute on every rank; the full logits, on rank 0's device."""
         if self._closed:
             raise WorkerError("the tensor-parallel group was shut down")
@@ -183,14 +187,18 @@ class TensorParallelRunner:
                 raise ValueError(
                     f"sequence {chunk.seq.seq_id} reaches {end} tokens > max_model_len"
                 )
-        message = pack(batch, self.block_size)
+        spec = None if pending is None else (len(pending.tokens), pending.rows)
+        message = pack(batch, self.block_size, spec)
         try:
             for worker in self._group.workers:
                 died = worker.exited()
                 if died is not None:
                     raise died
                 worker.conn.send_bytes(message)
-            return self.runner.execute(batch)
+            if pending is None:
+                return self.runner.execute(batch)
+            self.tp.broadcast(pending.tokens.to(torch.int64).contiguous())
+            return self.runner.execute(batch, pending)
         except BaseException as exc:
             self._fail(exc)
 

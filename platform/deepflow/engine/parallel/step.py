@@ -1,7 +1,8 @@
 """What rank 0 sends the other ranks each step, and how a worker turns it back into a batch.
 
-A step travels as one pickled tuple of plain ints and int lists: the block copies, and per chunk
-(sequence id, start, tokens fed, whether it needs logits, true length, the blocks it touches).
+A step travels as one pickled tuple of plain ints and int lists: the block copies, per chunk
+(sequence id, start, tokens fed, true length, the blocks it touches), and where the previous
+step's samples go when they are still on the device (async scheduling).
 No Sequence object crosses: a worker sees each chunk's sequence through `SeqView`, which holds
 only the chunk's own tokens, and runs the very same `ModelRunner.execute` as rank 0, so every
 rank builds identical inputs and meets the same collectives in the same order.
@@ -63,22 +64,28 @@ class SeqView:
         return len(self.token_ids)
 
 
-def pack(batch: SchedulerOutput, block_size: int) -> bytes:
+PendingSpec = tuple[int, dict[int, int]]
+"""(number of tokens, seq_id -> row) of the previous step's samples still on rank 0's device
+(async scheduling); the tokens themselves follow the message as a broadcast."""
+
+
+def pack(batch: SchedulerOutput, block_size: int, pending: PendingSpec | None = None) -> bytes:
     chunks: list[ChunkWire] = []
     for chunk in batch.chunks:
         seq, start = chunk.seq, chunk.start
         end = start + chunk.num_tokens
         table = seq.block_table[: -(-end // block_size)]
         chunks.append((seq.seq_id, start, seq.token_ids[start:end], len(seq.token_ids), table))
-    return STEP + pickle.dumps((batch.block_copies, chunks), protocol=pickle.HIGHEST_PROTOCOL)
+    wire = (batch.block_copies, chunks, pending)
+    return STEP + pickle.dumps(wire, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(message: bytes) -> SchedulerOutput:
+def unpack(message: bytes) -> tuple[SchedulerOutput, PendingSpec | None]:
     if message[:1] != STEP:
         raise ValueError(f"not a step message: {message[:16]!r}")
-    copies, chunks = pickle.loads(memoryview(message)[1:])
+    copies, chunks, pending = pickle.loads(memoryview(message)[1:])
     out = SchedulerOutput(block_copies=[tuple(c) for c in copies])
     for seq_id, start, tokens, length, table in chunks:
         view = SeqView(seq_id, TokenWindow(start, tokens, length), start, table)
         out.chunks.append(ScheduledChunk(view, len(tokens)))  # type: ignore[arg-type]
-    return out
+    return out, pending

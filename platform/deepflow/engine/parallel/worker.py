@@ -20,6 +20,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,10 @@ import torch.distributed as dist
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.model_runner import ModelRunner
 from deepflow.engine.parallel.group import TPGroup
-from deepflow.engine.parallel.step import STOP, unpack
+from deepflow.engine.parallel.step import STOP, PendingSpec, unpack
+
+if TYPE_CHECKING:
+    from deepflow.engine.scheduler import PendingTokens
 
 HOST = "127.0.0.1"
 STORE_TIMEOUT = timedelta(minutes=5)
@@ -66,9 +70,22 @@ def serve(conn: Connection, setup: WorkerSetup) -> None:
                 return
             if message == STOP:
                 return
-            runner.execute(unpack(message))  # the logits live on rank 0; ours are dropped
+            batch, pending = unpack(message)
+            if pending is None:
+                runner.execute(batch)  # the logits live on rank 0; ours are dropped
+            else:
+                runner.execute(batch, receive_pending(tp, pending, runner.device.torch_device))
     finally:
         dist.destroy_process_group()
+
+
+def receive_pending(tp: TPGroup, spec: PendingSpec, device: torch.device) -> PendingTokens:
+    """The previous step's samples, broadcast by rank 0 right after the step's message."""
+    from deepflow.engine.scheduler import PendingTokens  # with async scheduling only
+
+    count, rows = spec
+    tokens = tp.broadcast(torch.empty(count, dtype=torch.int64, device=device))
+    return PendingTokens(tokens, rows)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
