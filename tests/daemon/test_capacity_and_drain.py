@@ -20,7 +20,6 @@ from deepflow.engine.daemon import build_app
 from .conftest import module_command, serve_command, start_daemon, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-LONG = {"max_tokens": 2000, "extra_body": {"ignore_eos": True}}
 
 
 def client_for(url: str) -> openai.OpenAI:
@@ -36,7 +35,13 @@ def test_over_capacity_is_429(tiny_model: Path, tmp_path: Path) -> None:
     try:
         assert daemon.model == "tiny-llama"  # the folder's name by default
         client = client_for(daemon.url)
-        running = client.completions.create(model="tiny-llama", prompt="a", stream=True, **LONG)
+        running = client.completions.create(
+            model="tiny-llama",
+            prompt="a",
+            stream=True,
+            max_tokens=2000,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(running))
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import openai
 import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import Daemon
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = "Once upon a time"
 MODEL = (("model_name", "tiny"),)
-LONG = {"max_tokens": 2000, "extra_body": {"ignore_eos": True}}  # ~5 s of decoding alone
+LONG = 2000  # max_tokens: seconds of decoding, alone
+NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,9 @@ def test_client_gone_mid_stream_aborts_and_frees_blocks(
 ) -> None:
     daemon.wait_idle()
     before = daemon.metrics()
-    stream = client.completions.create(model="tiny", prompt=PROMPT, stream=True, **LONG)
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPT, stream=True, max_tokens=LONG, extra_body=NO_EOS
+    )
     for received, _ in enumerate(stream, 1):
         if received == 3:
             break
@@ -53,10 +58,16 @@ def test_client_timing_out_aborts_a_non_streamed_request(
     impatient = client.with_options(timeout=0.5)
     with pytest.raises(openai.APITimeoutError):
         if kind == "completion":
-            impatient.completions.create(model="tiny", prompt=PROMPT, **LONG)
+            impatient.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=LONG, extra_body=NO_EOS
+            )
         else:
-            messages = [{"role": "user", "content": PROMPT}]
-            impatient.chat.completions.create(model="tiny", messages=messages, **LONG)  # type: ignore[arg-type]
+            impatient.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": PROMPT}],
+                max_tokens=LONG,
+                extra_body=NO_EOS,
+            )
     daemon.wait_idle(timeout=3)
     after = daemon.metrics()
     assert reasons(after, "abort") - reasons(before, "abort") == 1
@@ -66,18 +77,18 @@ def test_client_timing_out_aborts_a_non_streamed_request(
 def test_metrics_add_up_to_the_usage_clients_saw(client: openai.OpenAI, daemon: Daemon) -> None:
     daemon.wait_idle()
     before = daemon.metrics()
-    messages = [{"role": "user", "content": "Say something."}]
-    usages = []
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
+    usages: list[CompletionUsage | None] = []
     several = client.completions.create(
         model="tiny", prompt=[PROMPT, "Hello there"], n=2, max_tokens=5, seed=1
     )
     usages.append(several.usage)
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=7)  # type: ignore[arg-type]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=7)
     usages.append(chat.usage)
     chunks = list(
         client.chat.completions.create(
             model="tiny",
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             max_tokens=9,
             stream=True,
             stream_options={"include_usage": True},
@@ -91,12 +102,10 @@ def test_metrics_add_up_to_the_usage_clients_saw(client: openai.OpenAI, daemon: 
     def delta(name: str, labels: tuple = MODEL) -> float:
         return after[(name, labels)] - before.get((name, labels), 0.0)
 
-    assert all(u is not None for u in usages)
-    assert delta("flowserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)  # type: ignore[union-attr]
-    assert delta("flowserve:generation_tokens_total") == sum(
-        u.completion_tokens  # type: ignore[union-attr]
-        for u in usages
-    )
+    seen = [u for u in usages if u is not None]
+    assert len(seen) == len(usages)
+    assert delta("flowserve:prompt_tokens_total") == sum(u.prompt_tokens for u in seen)
+    assert delta("flowserve:generation_tokens_total") == sum(u.completion_tokens for u in seen)
     finished = sum(reasons(after, r) - reasons(before, r) for r in ("stop", "length"))
     assert finished == requests
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):

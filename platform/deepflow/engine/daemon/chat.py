@@ -129,14 +129,10 @@ class _Reply:
         choice: CompletionOutput | None = None,
         logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        finish = None if choice is None else choice.finish_reason
-        return {
-            "index": index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            **({"stop_reason": choice.stop_reason} if finish is not None else {}),
-        }
+        data = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        if choice is not None and choice.finish_reason is not None:
+            data.update(finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+        return data
 
     def _logprobs(self, choice: CompletionOutput, state: ChoiceState) -> dict[str, Any] | None:
         """``{"content": [...]}`` over the tokens new since the last chunk."""

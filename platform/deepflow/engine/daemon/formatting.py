@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -76,7 +77,9 @@ class ChoiceState:
 
 class EngineStreamResponse(StreamingResponse):
     """An SSE response that closes its Admitted streams however it ends: finished, client
-    gone mid-stream, or client gone before the body began."""
+    gone mid-stream, or client gone before the body began. It always listens for the
+    disconnect itself (starlette stops doing so for ASGI servers of spec 2.4 and later,
+    where a stream to a gone client would otherwise run to its end)."""
 
     def __init__(self, content: Any, admitted: Admitted) -> None:
         super().__init__(
@@ -86,6 +89,15 @@ class EngineStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
         finally:
-            await self.admitted.aclose()
+            with anyio.CancelScope(shield=True):
+                await self.admitted.aclose()

@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -119,7 +119,7 @@ class EngineServer:
         started, finished, last = False, False, 0.0
         self.active.add(request_id)
         try:
-            async with contextlib.aclosing(
+            async with contextlib.aclosing(  # type: ignore[type-var]
                 self.engine.generate(ids, params, request_id=request_id)
             ) as outputs:
                 async for out in outputs:
@@ -204,7 +204,7 @@ async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
             async for item in only:
                 yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
@@ -225,7 +225,7 @@ async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield index, item  # type: ignore[misc]
+                yield index, item
     finally:
         for task in tasks:
             task.cancel()
