@@ -108,6 +108,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_model(tmp_path_factory.mktemp("daemon_model") / "tiny-llama", "llama", "tiny")
 
 
+@pytest.fixture
+def engine(tiny_model: Path) -> Iterator[Any]:
+    """An AsyncLLMEngine in this process, for the in-process (ASGI) app tests."""
+    from deepflow.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+
+    config = EngineConfig(model=str(tiny_model), num_kv_blocks=64, max_num_seqs=2)
+    engine = AsyncLLMEngine(LLMEngine(config))
+    yield engine
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One `deepflow serve` shared by the tests that leave it idle when they end."""

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from deepflow.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from deepflow.engine import AsyncLLMEngine
 from deepflow.engine.daemon import build_app
 
 from .conftest import module_command, serve_command, start_daemon, wait_for
@@ -87,15 +87,6 @@ def test_sigterm_drains_open_requests_then_exits_0(tiny_model: Path, tmp_path: P
         assert daemon.proc.wait(timeout=20) == 0
     finally:
         daemon.stop()
-
-
-@pytest.fixture
-def engine(tiny_model: Path):
-    engine = AsyncLLMEngine(
-        LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=64, max_num_seqs=2))
-    )
-    yield engine
-    engine.shutdown()
 
 
 async def test_post_drain_refuses_new_work_and_aborts_what_outlives_the_grace(

@@ -45,8 +45,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     server.check_model(body.model)
     body.check_supported()
     params = body.sampling_params(body.output_limit, body.engine_logprobs)
+    messages = body.template_messages()
     try:
-        text = server.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
+        text = server.tokenizer.apply_chat_template(messages)
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
     prompt = server.tokenizer.encode(text, add_special_tokens=False)

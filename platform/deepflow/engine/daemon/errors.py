@@ -59,12 +59,17 @@ def format_loc(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return out
 
 
+def _is_union_member(part: int | str) -> bool:
+    """pydantic names the union member that failed: ``prompt.str``, ``prompt.list[int]``."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "literal"}
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    err = exc.errors()[0]
-    full_loc = tuple(err.get("loc", ()))
-    loc = [p for p in full_loc if p != "body"]
-    # pydantic names the union member that failed (prompt.str, prompt.list[int]); drop it.
-    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))]
+    errors = [(e, [p for p in e.get("loc", ()) if p != "body"]) for e in exc.errors()]
+    err, loc = errors[0]
     if err.get("type") == "json_invalid":
         return bad_request(
             f"the request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
@@ -75,13 +80,18 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
             None,
             "invalid_json",
         )
+    member = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+    if member is not None:  # no member of a union matched: name them all
+        prefix = loc[:member]
+        tried = [at[member] for _, at in errors if len(at) > member and at[:member] == prefix]
+        param = format_loc(prefix)
+        return bad_request(
+            f"{param}: expected {' or '.join(map(str, dict.fromkeys(tried)))}", param
+        )
     param = format_loc(loc)
     if err.get("type") == "missing":
         return bad_request(f"{param}: required field is missing", param, "missing_field")
     return bad_request(f"{param}: {err.get('msg')}", param)
-
-
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -118,23 +118,26 @@ class CompletionRequest(_SamplingRequest):
             )
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self, index: int) -> dict[str, str]:
         """The message as chat templates expect it: a role and one text."""
         content = self.content
         if isinstance(content, list):
-            content = "\n".join(part.text for part in content)
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(
+                        "only text content parts are supported",
+                        f"messages[{index}].content[{j}]",
+                        "unsupported",
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": content or ""}
 
@@ -146,6 +149,9 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
     @property
     def output_limit(self) -> int | None:
