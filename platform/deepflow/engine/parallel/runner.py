@@ -135,6 +135,10 @@ class TensorParallelRunner:
     for `config.tensor_parallel_size` ranks. `shutdown()` stops the workers; so do garbage
     collection and interpreter exit, and a worker exits by itself when this process dies."""
 
+    supports_pending_tokens = True
+    """execute() takes the previous step's samples on the device: they are broadcast to the
+    workers after the step's message (the engine's async scheduling)."""
+
     def __init__(self, config: EngineConfig) -> None:
         size = config.tensor_parallel_size
         check_shardable(ModelConfig.from_folder(config.model), size)
@@ -166,16 +170,16 @@ class TensorParallelRunner:
         self.model_config = self.runner.model_config
         self.block_size = self.runner.block_size
         self.max_model_len = self.runner.max_model_len
+        self.model = self.runner.model
+        """Rank 0's shard, to inspect (its forward alone would wait forever in a collective)."""
+        self.graphs = None
+        """Whatever rank 0 captured could not be replayed without the other ranks."""
         # Free device memory may differ between devices: schedule for the smallest cache.
         self.num_blocks = min(self.runner.num_blocks, *worker_blocks)
 
     @property
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._group.workers]
-
-    supports_pending_tokens = True
-    """execute() takes the previous step's samples on the device: they are broadcast to the
-    workers after the step's message (the engine's async scheduling)."""
 
     def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
         """ModelRunner.execute on every rank; the full logits, on rank 0's device."""
