@@ -38,6 +38,8 @@ from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
+EQUALITY_DEVICE = os.environ.get("DEEPFLOW_TP_TEST_DEVICE", "cpu")
+"""The equality test on accelerators too: `DEEPFLOW_TP_TEST_DEVICE=cuda` with 2 GPUs (NCCL)."""
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 FORKED = SamplingParams(n=2, temperature=0.0, max_tokens=5, ignore_eos=True)
 
@@ -80,10 +82,12 @@ def model_dir(request, tiny_model_dirs, small_model_dirs, one_kv_head) -> Path:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def config(folder: Path, tp: int, async_scheduling: bool = False) -> EngineConfig:
+def config(
+    folder: Path, tp: int, async_scheduling: bool = False, device: str = "cpu"
+) -> EngineConfig:
     return EngineConfig(
         model=str(folder),
-        device="cpu",
+        device=device,
         block_size=4,
         num_kv_blocks=96,
         max_num_batched_tokens=16,  # the 19- and 37-token prompts prefill in chunks
@@ -179,8 +183,8 @@ def test_two_ranks_equal_one_process(model_dir: Path, async_scheduling: bool) ->
     """kv heads == ranks (tiny), > ranks (small), < ranks (kv1: replicated); qwen2 has q/k/v
     biases and a tied head. With async scheduling the previous step's samples reach the workers
     from rank 0's device; the reference always runs synchronously."""
-    reference = LLMEngine(config(model_dir, 1))
-    engine = LLMEngine(config(model_dir, 2, async_scheduling))
+    reference = LLMEngine(config(model_dir, 1, device=EQUALITY_DEVICE))
+    engine = LLMEngine(config(model_dir, 2, async_scheduling, EQUALITY_DEVICE))
     assert engine.async_scheduling == async_scheduling
     runner = engine.model_runner
     assert isinstance(runner, TensorParallelRunner) and runner.num_blocks == 96
