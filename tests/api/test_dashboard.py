@@ -61,21 +61,21 @@ def test_session_names_the_tenant_and_rejects_bad_keys(api: Api) -> None:
 
 
 def test_search_filters_counts_pages_and_tenants(api: Api) -> None:
-    jobs = [_post(api, {"kind": "dag", "spec": DAG}) for _ in range(4)]
-    _post(api, {"kind": "serve", "spec": {"model": "tiny"}})
+    jobs = [_post(api, {"kind": "dag", "spec": DAG}) for _ in range(5)]
     api.client.post(f"/v1/jobs/{jobs[0]['id']}/cancel", headers=api.headers())
 
     everything = _get(api, "/ui/api/jobs")
     assert everything["total"] == 5 and everything["tenant"] == "acme"
     assert everything["states"] == {"pending": 4, "cancelled": 1}
-    assert everything["kinds"] == ["dag", "serve"]
+    assert everything["kinds"] == ["dag"]
     assert everything["data"][-1]["id"] == jobs[0]["id"]
     assert everything["data"][-1]["tasks"] == {"cancelled": 3}
 
     cancelled = _get(api, "/ui/api/jobs", state="cancelled")
     assert [j["id"] for j in cancelled["data"]] == [jobs[0]["id"]] and cancelled["total"] == 1
     assert cancelled["states"]["pending"] == 4  # the chips count the other states too
-    assert _get(api, "/ui/api/jobs", kind="serve")["total"] == 1
+    assert _get(api, "/ui/api/jobs", kind="dag")["total"] == 5
+    assert _get(api, "/ui/api/jobs", kind="serve")["total"] == 0
     fragment = jobs[2]["id"][-10:]
     assert [j["id"] for j in _get(api, "/ui/api/jobs", q=fragment)["data"]] == [jobs[2]["id"]]
     assert _get(api, "/ui/api/jobs", q="%")["total"] == 0  # no LIKE wildcards from the user
@@ -172,7 +172,9 @@ def source() -> Iterator[MetricsSource]:
 
 
 def test_deployments_and_metrics_from_a_real_exporter(api: Api, source: MetricsSource) -> None:
-    job = _post(api, {"kind": "serve", "spec": {"model": "tiny-llama", "replicas": 2}})
+    """Instances inserted through the store, grouped by the job that launched them; one
+    of them scraped from a real Prometheus exporter."""
+    job = _post(api, {"kind": "dag", "spec": DAG})
     with api.db.transaction() as s:
         tenant = _tenant(api)
         ready = create_instance(
@@ -187,11 +189,22 @@ def test_deployments_and_metrics_from_a_real_exporter(api: Api, source: MetricsS
         s.flush()
         set_instance_state(s, ready.id, InstanceState.READY)
 
-    deployments = _get(api, "/ui/api/deployments")["data"]
-    [dep] = deployments
+    [dep] = _get(api, "/ui/api/deployments")["data"]
     assert dep["id"] == job["id"] and dep["model"] == "tiny-llama" and dep["replicas"] == 2
+    assert dep["state"] == "ready" and dep["job_id"] == job["id"]
     assert [i["state"] for i in dep["instances"]] == ["ready", "starting"]
     assert _get(api, "/ui/api/deployments", key=api.other_key)["data"] == []
+    events = _get(api, f"/ui/api/deployments/{job['id']}/events")["data"]
+    assert [e["rule"] for e in events if e["entity_type"] == "instance"] == [
+        "CreateInstance",
+        "CreateInstance",
+        "MarkInstanceReady",
+    ]
+    assert [e["rule"] for e in events if e["entity_type"] == "job"] == ["CreateJob"]
+    r = api.client.get(
+        f"/ui/api/deployments/{job['id']}/events", headers=api.headers(api.other_key)
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "deployment_not_found"
 
     history = api.client.app.state.metrics_history  # type: ignore[attr-defined]
     source.load(running=3, waiting=1, kv=0.25)

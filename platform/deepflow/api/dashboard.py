@@ -5,8 +5,9 @@ Routes (all tenant-scoped by the Bearer key; another tenant's rows are 404):
 jobs with search, counts per state and task progress), ``GET /v1/jobs/{id}/tasks`` (tasks
 with their attempts rebuilt from the audit trail), ``GET /v1/jobs/{id}/tasks/{name}/logs``,
 ``POST /v1/jobs/{id}/retry`` (a new job from the same kind and spec: a finished job's tasks
-keep their history, and the new job gets a fresh DAG), ``GET /ui/api/deployments`` (serve
-jobs and their instances, for platforms without ``/v1/deployments``) and
+keep their history, and the new job gets a fresh DAG), ``GET /ui/api/deployments`` (the
+tenant's instances grouped by deployment, in the serving API's shape, used while
+``/v1/deployments`` is not installed) and
 ``GET /v1/deployments/{id}/metrics`` (the sampler's history, ``metrics_history``).
 
 ``install`` adds them, starts the metrics sampler with the app, and serves ``ui/`` at ``/``
@@ -44,7 +45,7 @@ from deepflow.api.dashboard_schemas import (
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.errors import APIError
 from deepflow.api.metrics_history import MetricsHistory, Target
-from deepflow.api.schemas import JobResponse
+from deepflow.api.schemas import EventList, EventResponse, JobResponse
 from deepflow.dag import JobState
 from deepflow.store import dashboard as views
 from deepflow.store.logs import logged_attempts, read_task_logs
@@ -162,25 +163,55 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
 
 @router.get("/ui/api/deployments", response_model=DeploymentViewList)
 def list_deployments(tenant: CurrentTenant, db: DB) -> DeploymentViewList:
-    """Serve jobs as deployments, with their instances."""
+    """The tenant's instances grouped by deployment, newest deployment first."""
     with db.transaction() as session:
-        data = [_deployment(job, rows) for job, rows in views.serve_deployments(session, tenant.id)]
+        groups: dict[str, list[store.Instance]] = {}
+        for row in store.list_instances(session, tenant.id):
+            groups.setdefault(views.deployment_key(row), []).append(row)
+        data = [_deployment(key, rows) for key, rows in groups.items()]
+    data.sort(key=lambda d: d.created_at, reverse=True)
     return DeploymentViewList(data=data)
 
 
-def _deployment(job: store.Job, rows: list[store.Instance]) -> DeploymentView:
-    spec: dict[str, Any] = job.spec or {}
+def _deployment(key: str, rows: list[store.Instance]) -> DeploymentView:
+    states = {str(r.state) for r in rows}
+    live = [r for r in rows if str(r.state) in ("starting", "ready", "draining")]
+    roles = {r.role for r in live or rows}
     return DeploymentView(
-        id=job.id,
-        model=str(spec.get("model") or (rows[0].model_name if rows else "")),
-        replicas=int(spec.get("replicas", len(rows))),
-        resource_class=str(spec.get("resource_class", "cpu")),
-        policy=str(spec.get("policy", "colocated")),
-        state=str(job.state),
-        created_at=job.created_at,
-        job_id=job.id,
+        id=key,
+        model=rows[-1].model_name,
+        replicas=len(live),
+        resource_class=rows[-1].device.split(":")[0],
+        policy="colocated" if roles <= {"both"} else "disaggregated",
+        state=next(
+            (s for s in ("ready", "starting", "draining", "failed") if s in states), "stopped"
+        ),
+        created_at=rows[0].created_at,
+        job_id=next((r.job_id for r in reversed(rows) if r.job_id), None),
         instances=[InstanceView.of(r) for r in rows],
     )
+
+
+@router.get("/ui/api/deployments/{deployment_id}/events", response_model=EventList)
+def list_deployment_events(deployment_id: str, tenant: CurrentTenant, db: DB) -> EventList:
+    """The deployment's scaling history (its, its instances' and its serve jobs' events)."""
+    with db.transaction() as session:
+        if not _owned(session, tenant.id, deployment_id):
+            raise _no_deployment(deployment_id)
+        events = views.deployment_events(session, tenant.id, deployment_id)
+        return EventList(data=[EventResponse.of(e) for e in events], has_more=False)
+
+
+def _owned(session: Any, tenant_id: str, deployment_id: str) -> bool:
+    if views.owns_deployment(session, tenant_id, deployment_id):
+        return True
+    return any(
+        views.deployment_key(i) == deployment_id for i in store.list_instances(session, tenant_id)
+    )
+
+
+def _no_deployment(deployment_id: str) -> APIError:
+    return APIError(404, f"no deployment with id {deployment_id!r}", code="deployment_not_found")
 
 
 @router.get("/v1/deployments/{deployment_id}/metrics", response_model=MetricsResponse)
@@ -196,9 +227,9 @@ def read_metrics(
     owner = history.tenant_of(deployment_id)
     if owner is None:
         with db.transaction() as session:
-            owner = tenant.id if views.owns_deployment(session, tenant.id, deployment_id) else None
+            owner = tenant.id if _owned(session, tenant.id, deployment_id) else None
     if owner != tenant.id:
-        raise APIError(404, f"no deployment with id {deployment_id!r}", code="deployment_not_found")
+        raise _no_deployment(deployment_id)
     return MetricsResponse(
         deployment_id=deployment_id,
         interval_s=history.interval_s,
@@ -207,13 +238,10 @@ def read_metrics(
 
 
 def scrape_targets(db: store.Database) -> list[Target]:
-    """Ready instances with an address, each under its deployment (its serve job)."""
+    """Ready instances with an address, each under its deployment."""
     with db.transaction() as session:
         rows = views.scrape_targets(session)
-        return [
-            Target(r.id, r.job_id or f"model:{r.model_name}", r.tenant_id, r.address or "")
-            for r in rows
-        ]
+        return [Target(r.id, views.deployment_key(r), r.tenant_id, r.address or "") for r in rows]
 
 
 class _UiFiles(StaticFiles):

@@ -179,7 +179,8 @@ class InstanceView(BaseModel):
 
 
 class DeploymentView(BaseModel):
-    """A serve job seen as a deployment (the contract's shape), until ``/v1/deployments``."""
+    """Instances grouped by deployment, in the serving API's shape (until
+    ``/v1/deployments`` is installed, the dashboard's own view)."""
 
     id: str
     object: Literal["deployment"] = "deployment"

@@ -10,12 +10,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from deepflow.dag import JobState, TaskState
 from deepflow.store.errors import NotFound
-from deepflow.store.orm import Event, Instance, InstanceState, Job, Task
+from deepflow.store.orm import Base, Event, Instance, InstanceState, Job, Task
 
 
 @dataclass(slots=True)
@@ -132,34 +132,75 @@ def scrape_targets(session: Session) -> list[Instance]:
     return list(session.execute(stmt).scalars())
 
 
-def serve_deployments(
-    session: Session, tenant_id: str, limit: int = 50
-) -> list[tuple[Job, list[Instance]]]:
-    """The tenant's serve jobs, newest first, each with its instances: what the dashboard
-    shows as deployments where the serving API does not list them itself."""
-    jobs = list(
-        session.execute(
-            select(Job)
-            .where(Job.tenant_id == tenant_id, Job.kind == "serve")
-            .order_by(Job.created_at.desc())
-            .limit(limit)
-        ).scalars()
+def deployment_key(instance: Instance) -> str:
+    """The deployment an instance serves: its ``deployment_id`` where the serving store
+    records one, else the job that launched it, else its model."""
+    return (
+        getattr(instance, "deployment_id", None)
+        or instance.job_id
+        or f"model:{instance.model_name}"
     )
-    instances: dict[str, list[Instance]] = defaultdict(list)
-    if jobs:
-        rows = session.execute(
-            select(Instance)
-            .where(Instance.job_id.in_([j.id for j in jobs]))
-            .order_by(Instance.created_at)
-        ).scalars()
-        for row in rows:
-            instances[row.job_id or ""].append(row)
-    return [(job, instances.get(job.id, [])) for job in jobs]
 
 
 def owns_deployment(session: Session, tenant_id: str, deployment_id: str) -> bool:
-    """Whether the id names one of the tenant's jobs or instances' deployments."""
+    """Whether the id names a deployment of the tenant: a row of the serving store's
+    ``deployments`` table where there is one, a job, or the key of one of its instances."""
+    table = Base.metadata.tables.get("deployments")
+    if table is not None and "tenant_id" in table.c:
+        row = session.execute(
+            select(table.c.id).where(table.c.id == deployment_id, table.c.tenant_id == tenant_id)
+        ).first()
+        if row is not None:
+            return True
     job = session.execute(
         select(Job.id).where(Job.id == deployment_id, Job.tenant_id == tenant_id)
     ).first()
-    return job is not None
+    if job is not None:
+        return True
+    if deployment_id.startswith("model:"):
+        model = deployment_id.removeprefix("model:")
+        stmt = select(Instance.id).where(
+            Instance.tenant_id == tenant_id, Instance.model_name == model
+        )
+        return session.execute(stmt.limit(1)).first() is not None
+    return False
+
+
+def deployment_events(
+    session: Session, tenant_id: str, deployment_id: str, limit: int = 200
+) -> list[Event]:
+    """A deployment's scaling history, oldest first: its own events, its instances' (created,
+    ready, draining, stopped, failed) and those of the jobs that launched or changed them."""
+    instances = [
+        i
+        for i in session.execute(select(Instance).where(Instance.tenant_id == tenant_id)).scalars()
+        if deployment_key(i) == deployment_id
+    ]
+    job_ids = {i.job_id for i in instances if i.job_id}
+    table = Base.metadata.tables.get("deployments")
+    if table is not None and {"job_id", "tenant_id"} <= set(table.c.keys()):
+        current = session.execute(
+            select(table.c.job_id).where(
+                table.c.id == deployment_id, table.c.tenant_id == tenant_id
+            )
+        ).scalar_one_or_none()
+        if current:
+            job_ids.add(current)
+    if deployment_id.startswith("job_"):
+        job_ids.add(deployment_id)
+    stmt = (
+        select(Event)
+        .where(
+            Event.tenant_id == tenant_id,
+            or_(
+                and_(Event.entity_type == "deployment", Event.entity_id == deployment_id),
+                and_(
+                    Event.entity_type == "instance", Event.entity_id.in_([i.id for i in instances])
+                ),
+                and_(Event.entity_type == "job", Event.entity_id.in_(job_ids)),
+            ),
+        )
+        .order_by(Event.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(session.execute(stmt).scalars().all()))

@@ -35,7 +35,7 @@ function instancesTable(instances, now) {
       h("td", {}, since(i.heartbeat_at, now))))));
 }
 
-/** Scaling and instance events of the deployment's job on a time line. */
+/** The deployment's scaling history (its, its instances' and its serve jobs' events). */
 function eventsTimeline(events) {
   const shown = events.filter((e) => e.entity_type !== "task");
   if (!shown.length) return h("p", { class: "muted" }, "No scaling events yet.");
@@ -77,10 +77,10 @@ export function mount(main, ctx) {
   const eventsSeen = new Map();
 
   async function card(dep, now) {
+    const id = encodeURIComponent(dep.id);
     const [metrics, events] = await Promise.all([
-      api(`v1/deployments/${encodeURIComponent(dep.id)}/metrics`).catch(() => ({ data: [] })),
-      dep.job_id ? api(`v1/jobs/${dep.job_id}/events`, { params: { limit: 1000 } }).then((r) => r.data).catch(() => eventsSeen.get(dep.id) || [])
-        : Promise.resolve([]),
+      api(`v1/deployments/${id}/metrics`).catch(() => ({ data: [] })),
+      api(`ui/api/deployments/${id}/events`).then((r) => r.data).catch(() => eventsSeen.get(dep.id) || []),
     ]);
     eventsSeen.set(dep.id, events);
     const ready = dep.instances.filter((i) => i.state === "ready").length;
