@@ -119,7 +119,10 @@ class BareApi:
 def bare_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareApi]:
     home = tmp_path_factory.mktemp("bare-api")
     settings = Settings(
-        home=home, database_url=f"sqlite:///{home / 'deepflow.db'}", broker_url="memory://"
+        home=home,
+        database_url=f"sqlite:///{home / 'deepflow.db'}",
+        broker_url="memory://",
+        reconcile_interval_s=0.5,  # the reconciler's thread stops within one interval
     )
     schema.upgrade(settings.database_url)
     db = Database(settings.database_url)
