@@ -172,12 +172,13 @@ def run_hf_cb(model: str, prompts: list[list[int]], new: int, args) -> dict:
     config = GenerationConfig(
         do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0
     )
-    with torch.inference_mode():
-        hf.generate_batch(inputs=prompts[:4], generation_config=config)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = hf.generate_batch(inputs=prompts, generation_config=config)
-        torch.cuda.synchronize()
+    # No inference_mode here: generate_batch runs the model on its own thread, which must not
+    # meet inference tensors made on this one.
+    hf.generate_batch(inputs=prompts[:4], generation_config=config)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = hf.generate_batch(inputs=prompts, generation_config=config)
+    torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": sum(len(o.generated_tokens) for o in outputs.values())}
 
@@ -231,6 +232,8 @@ def print_table(results: dict, args) -> None:
         r = results.get(system)
         if r is None:
             continue
+        if "error" not in r and not r["tokens"]:
+            r = {"error": "no tokens generated"}
         if "error" in r:
             print(f"{label:<58} {'failed: ' + r['error']}")
             continue
