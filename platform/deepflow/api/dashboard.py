@@ -22,8 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
-from starlette.routing import Mount
+from starlette.routing import Match, Mount
 from starlette.types import Scope
 
 from deepflow import __version__, dag, store
@@ -244,13 +243,15 @@ def scrape_targets(db: store.Database) -> list[Target]:
         return [Target(r.id, views.deployment_key(r), r.tenant_id, r.address or "") for r in rows]
 
 
-class _UiFiles(StaticFiles):
-    """The dashboard's files; API paths that matched no route stay API 404s."""
+class _UiMount(Mount):
+    """The dashboard's files at ``/``, matching no API path: an API path that no route takes
+    stays the API's 404 (or 405 for a known path with another method)."""
 
-    async def get_response(self, path: str, scope: Scope) -> Any:
-        if path.split("/", 1)[0] in API_PREFIXES:
-            raise HTTPException(404, "Not Found")
-        return await super().get_response(path, scope)
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if path.lstrip("/").split("/", 1)[0] in API_PREFIXES:
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def install(app: FastAPI, metrics_interval_s: float = METRICS_INTERVAL_S) -> None:
@@ -264,7 +265,7 @@ def install(app: FastAPI, metrics_interval_s: float = METRICS_INTERVAL_S) -> Non
     if not (UI_DIR / "index.html").is_file():
         log.warning("no dashboard at %s: the API serves no page at /", UI_DIR)
         return
-    mount = Mount("/", app=_UiFiles(directory=UI_DIR, html=True), name="ui")
+    mount = _UiMount("/", app=StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.router.routes.append(mount)
 
     def keep_ui_last() -> None:
