@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -61,9 +62,10 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
-def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """The Quick start's first command: everything on the embedded defaults (SQLite, the
-    filesystem broker, a Prefect server of its own), then a dag job to succeeded."""
+    filesystem broker, a Prefect server of its own), then a dag job to succeeded, and the
+    quick-start model answers the ``curl`` and ``openai`` lines it prints."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
@@ -110,11 +112,21 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert job["state"] == "succeeded", job
         assert job["tasks"][0]["output"] == {"x": 1}
         assert (tmp_path / "api_key").read_text().strip() == key
+        deadline = time.monotonic() + 240
+        while not lines[-1].startswith("Serving tiny-llama"):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        curl, client = proc.stdout.readline().strip(), proc.stdout.readline().strip()
+        answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+        assert json.loads(answer.stdout)["choices"][0]["message"]["role"] == "assistant", answer
+        python = client.replace("python -c", f"{sys.executable} -c", 1)
+        said = subprocess.run(python, shell=True, capture_output=True, text=True, timeout=60)
+        assert said.returncode == 0, said.stderr
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
-    assert "DeepFlow stopped." in out
+    assert "DeepFlow stopped (1 engine instance(s) stopped)." in out
 
 
 @pytest.mark.parametrize("argv", [["keys"], ["nope"], ["make-test-model"]])

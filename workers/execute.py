@@ -32,6 +32,7 @@ from deepflow.store import (
 )
 from deepflow.store.logs import write_task_log
 from deepflow.store.orm import Task
+from deepflow.store.tasks import task_context
 from deepflow.store.types import utcnow
 from workers import attempt_log
 from workers.constants import HEARTBEATS_PER_LEASE
@@ -131,6 +132,8 @@ def execute_task(task_id: str, attempt: int, settings: Settings | None = None) -
         if task is None:
             raise StaleAttempt(f"attempt {attempt} of task {task_id} is not current")
         operator, args, deadline = task.operator, dict(task.args), task.deadline_at
+        if operators.is_registered(operator) and operators.get(operator).takes_context:
+            args["context"] = task_context(session, task)
     guard = _Guard(db, task_id, me, attempt, settings.lease_ttl_s, deadline)
     end = _Ending(db, task, attempt, attempt_log.AttemptLog(), utcnow())
     try:

@@ -43,7 +43,7 @@ def _api(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from deepflow.launcher import up
 
-    return up(Settings.from_env(), host=args.host, port=args.port)
+    return up(Settings.from_env(), host=args.host, port=args.port, model=not args.no_model)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole platform on this machine")
     up.add_argument("--host", default=None, help="API host (default DEEPFLOW_API_HOST)")
     up.add_argument("--port", type=int, default=None, help="API port (default DEEPFLOW_API_PORT)")
+    up.add_argument("--no-model", action="store_true", help="do not deploy the quick-start model")
     up.set_defaults(func=_up)
 
     api = sub.add_parser("api", help="serve the HTTP API alone")

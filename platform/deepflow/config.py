@@ -55,6 +55,9 @@ class Settings:
     """How often the reconciler looks for expired leases."""
     operator_modules: str = ""
     """Comma-separated modules that register extra operators (DEEPFLOW_OPERATORS)."""
+    instance_host: str = "127.0.0.1"
+    """The address engine daemons launched on this machine listen on and are reached at
+    (DEEPFLOW_INSTANCE_HOST): loopback for one machine, the host's address for several."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -75,6 +78,7 @@ class Settings:
             lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
             operator_modules=os.environ.get("DEEPFLOW_OPERATORS", ""),
+            instance_host=os.environ.get("DEEPFLOW_INSTANCE_HOST", "127.0.0.1"),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -89,6 +93,7 @@ class Settings:
             "DEEPFLOW_LEASE_TTL_S": str(self.lease_ttl_s),
             "DEEPFLOW_RECONCILE_INTERVAL_S": str(self.reconcile_interval_s),
             "DEEPFLOW_OPERATORS": self.operator_modules,
+            "DEEPFLOW_INSTANCE_HOST": self.instance_host,
         }
         if self.prefect_api_url:
             env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url

@@ -28,6 +28,8 @@ from alembic.script import ScriptDirectory
 from deepflow.api import create_app
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
+from deepflow.serving import quickstart
+from deepflow.serving.supervisor import Supervisor, stop_local_instances
 from deepflow.store import (
     Database,
     Reconciler,
@@ -204,11 +206,12 @@ class Stack:
 def platform_reconciler(
     settings: Settings, db: Database, dispatcher: Dispatcher | None = None
 ) -> Reconciler:
-    """The reconciler with its passes: expired leases, and (with Prefect configured) jobs whose
-    flow run could not be created when they were accepted."""
+    """The reconciler with its passes: expired leases, jobs whose flow run could not be
+    created when they were accepted (with Prefect configured), and the serving supervisor."""
     if dispatcher is None and settings.prefect_api_url:
         dispatcher = Dispatcher(db, settings.prefect_api_url)
     passes = [dispatcher.dispatch_pending] if dispatcher else []
+    passes.append(Supervisor(db, dispatcher).pass_once)
     return Reconciler(db, settings.reconcile_interval_s, passes)
 
 
@@ -260,12 +263,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def up(settings: Settings, host: str | None = None, port: int | None = None) -> int:
+def up(
+    settings: Settings, host: str | None = None, port: int | None = None, model: bool = True
+) -> int:
+    """The whole platform on this machine; with ``model``, it also deploys the quick-start
+    model and prints how to call it."""
     settings = dataclasses.replace(
         settings, api_host=host or settings.api_host, api_port=port or settings.api_port
     )
     schema.upgrade(settings.database_url)
     key = ensure_local_key(settings)
+    if model:
+        print("preparing the quick-start model ...", flush=True)
+        quickstart.ensure_model(settings, DEFAULT_TENANT)
     stack = Stack(settings)
     try:
         if settings.prefect_api_url:
@@ -275,21 +285,34 @@ def up(settings: Settings, host: str | None = None, port: int | None = None) -> 
             stack.start_prefect_server()
         stack.start_flow_runner()
         stack.start_worker("cpu")
-        return _serve_api(stack, key)
+        return _serve_api(stack, key, model)
     finally:
+        stopped = stop_local_instances(get_database(stack.settings.database_url))
         stack.stop()
-        print("DeepFlow stopped.", flush=True)
+        print(f"DeepFlow stopped ({stopped} engine instance(s) stopped).", flush=True)
 
 
-def _serve_api(stack: Stack, key: str) -> int:
+def _serve_api(stack: Stack, key: str, model: bool) -> int:
     os.environ.update(stack.env())  # the API's own Prefect client reads PREFECT_API_URL
     api = ApiServer(stack.settings, port=stack.settings.api_port)
-    threading.Thread(target=_report, args=(stack, api, key), daemon=True).start()
+    threading.Thread(target=_report, args=(stack, api, key, model), daemon=True).start()
     api.run()
     return 0
 
 
-def _report(stack: Stack, api: ApiServer, key: str) -> None:
+def _serve_model(url: str, key: str) -> None:
+    print(f"deploying {quickstart.MODEL} (a serve job launches its engine daemon) ...", flush=True)
+    try:
+        deployment = quickstart.deploy(url, key)
+    except Exception as exc:
+        print(f"!! could not serve {quickstart.MODEL}: {exc}", flush=True)
+        return
+    print(f"Serving {quickstart.MODEL} (deployment {deployment['id']}). Try:", flush=True)
+    for line in quickstart.usage_lines(url, key):
+        print(f"  {line}", flush=True)
+
+
+def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
     """Print the banner once the API answers, then say when a part dies."""
     server, reconciler = api.server, api.reconciler
     while not server.started and not server.should_exit:
@@ -308,6 +331,8 @@ def _report(stack: Stack, api: ApiServer, key: str) -> None:
         print(f"  {name:<16} {'healthy' if ok else 'NOT RUNNING'}")
     print(f"  try          curl -s -H 'Authorization: Bearer {key}' {url}/v1/jobs")
     print("Ctrl-C stops everything.", flush=True)
+    if model:
+        threading.Thread(target=_serve_model, args=(url, key), daemon=True).start()
     dead: set[str] = set()
     while not server.should_exit:
         for part in stack.parts:

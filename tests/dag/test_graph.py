@@ -288,8 +288,8 @@ def test_spec_must_be_an_object(kind: str, spec: Any) -> None:
     assert err.param == "spec"
 
 
-def test_serve_with_three_replicas() -> None:
-    result = plan("serve", {"model": "llama", "replicas": 3, "resource_class": "cuda"})
+def test_serve_launching_three_replicas() -> None:
+    result = plan("serve", {"deployment_id": "dep_1", "launch": 3, "resource_class": "cuda"})
     dag = result.dag
     assert [t.name for t in result.tasks] == [
         "prepare_weights",
@@ -299,7 +299,7 @@ def test_serve_with_three_replicas() -> None:
         "health_check_1",
         "launch_replica_2",
         "health_check_2",
-        "register_instances",
+        "update_deployment",
     ]
     assert edges(dag) == {
         ("prepare_weights", "launch_replica_0"),
@@ -308,44 +308,35 @@ def test_serve_with_three_replicas() -> None:
         ("launch_replica_0", "health_check_0"),
         ("launch_replica_1", "health_check_1"),
         ("launch_replica_2", "health_check_2"),
-        ("health_check_0", "register_instances"),
-        ("health_check_1", "register_instances"),
-        ("health_check_2", "register_instances"),
+        ("health_check_0", "update_deployment"),
+        ("health_check_1", "update_deployment"),
+        ("health_check_2", "update_deployment"),
     }
     assert dag.order[0] == "prepare_weights"
-    assert dag.order[-1] == "register_instances"
-    assert dag.leaves == ("register_instances",)
+    assert dag.leaves == ("update_deployment",)
     rules = {name: node.trigger_rule for name, node in dag.tasks.items()}
-    assert rules.pop("register_instances") is TriggerRule.ALL_DONE
+    assert rules.pop("update_deployment") is TriggerRule.ALL_DONE
     assert set(rules.values()) == {TriggerRule.ALL_SUCCESS}
     by_name = {t.name: t for t in result.tasks}
     assert by_name["launch_replica_1"].operator == "serve.launch_replica"
-    assert by_name["launch_replica_1"].args == {
-        "model": "llama",
-        "policy": "colocated",
-        "replica": 1,
-    }
+    assert by_name["launch_replica_1"].args == {"deployment_id": "dep_1", "replica": 1}
     assert by_name["launch_replica_1"].resource_class is ResourceClass.CUDA
     assert by_name["launch_replica_1"].retries == 2
-    assert by_name["health_check_2"].retries == 3
+    assert by_name["health_check_2"].resource_class is ResourceClass.CPU
     assert by_name["prepare_weights"].resource_class is ResourceClass.CPU
-    assert result.spec == {
-        "model": "llama",
-        "replicas": 3,
-        "resource_class": "cuda",
-        "policy": "colocated",
-    }
 
 
-def test_serve_defaults_to_one_replica() -> None:
-    dag = plan("serve", {"model": "m"}).dag
-    assert dag.order == (
-        "prepare_weights",
-        "launch_replica_0",
-        "health_check_0",
-        "register_instances",
-    )
-    assert len(edges(dag)) == 3
+def test_serve_stopping_instances_needs_no_weights() -> None:
+    result = plan("serve", {"deployment_id": "dep_1", "stop": ["inst_a", "inst_b"]})
+    assert [t.name for t in result.tasks] == ["stop_0", "stop_1", "update_deployment"]
+    assert edges(result.dag) == {("stop_0", "update_deployment"), ("stop_1", "update_deployment")}
+    assert result.tasks[1].args == {"instance_id": "inst_b"}
+
+
+def test_serve_that_does_nothing_is_refused() -> None:
+    err = rejected("serve", {"deployment_id": "dep_1"})
+    assert err.code == "invalid_spec"
+    assert "launch replicas or stop instances" in str(err)
 
 
 def test_finetune_is_a_chain() -> None:
@@ -399,13 +390,13 @@ def test_batch_fans_out_over_shards() -> None:
 @pytest.mark.parametrize(
     ("kind", "spec", "param"),
     [
-        ("serve", {}, "spec.model"),
-        ("serve", {"model": ""}, "spec.model"),
-        ("serve", {"model": "m", "replicas": 0}, "spec.replicas"),
-        ("serve", {"model": "m", "replicas": 65}, "spec.replicas"),
-        ("serve", {"model": "m", "replicas": "many"}, "spec.replicas"),
-        ("serve", {"model": "m", "policy": "spread"}, "spec.policy"),
-        ("serve", {"model": "m", "gpus": 2}, "spec.gpus"),
+        ("serve", {"launch": 1}, "spec.deployment_id"),
+        ("serve", {"deployment_id": ""}, "spec.deployment_id"),
+        ("serve", {"deployment_id": "d", "launch": -1}, "spec.launch"),
+        ("serve", {"deployment_id": "d", "launch": 65}, "spec.launch"),
+        ("serve", {"deployment_id": "d", "launch": "many"}, "spec.launch"),
+        ("serve", {"deployment_id": "d", "stop": "inst_1"}, "spec.stop"),
+        ("serve", {"deployment_id": "d", "launch": 1, "gpus": 2}, "spec.gpus"),
         ("finetune", {"model": "m"}, "spec.training_file"),
         (
             "finetune",
@@ -439,7 +430,7 @@ def test_kinds_reject_bad_specs(kind: str, spec: dict[str, Any], param: str) -> 
 @pytest.mark.parametrize(
     ("kind", "spec"),
     [
-        ("serve", {"model": "m", "replicas": 64}),
+        ("serve", {"deployment_id": "d", "launch": 64, "stop": ["i"]}),
         ("finetune", {"model": "m", "training_file": "f", "validation_file": "v"}),
         ("batch", {"model": "m", "input_file": "f", "num_shards": 256}),
     ],

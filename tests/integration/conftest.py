@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import redis
 
 from deepflow.config import Settings
 from deepflow.launcher import ApiServer, Stack, free_port
+from deepflow.serving.supervisor import stop_local_instances
 from deepflow.store import Database, create_api_key, schema
 from tests.conftest import create_pg_database, drop_pg_database
 
@@ -66,12 +68,11 @@ class Platform:
         return r.json()["data"]  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def platform(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Platform]:
-    home = tmp_path_factory.mktemp(f"platform-{request.param}")
-    if request.param == "embedded":
+@contextmanager
+def platform_up(flavour: str, home: Path, workers: int = 2) -> Iterator[Platform]:
+    """A platform of real processes: ``embedded`` (SQLite, filesystem broker) or ``redis``
+    (PostgreSQL, Redis)."""
+    if flavour == "embedded":
         database_url, broker_url = f"sqlite:///{home / 'deepflow.db'}", "filesystem://"
     else:
         database_url = create_pg_database("deepflow_it")
@@ -99,15 +100,24 @@ def platform(
         stack.start_prefect_server()
         settings = stack.settings
         stack.start_flow_runner()
-        stack.start_worker("cpu", concurrency=2)
+        stack.start_worker("cpu", concurrency=workers)
         db = Database(settings.database_url)
         with db.transaction() as s:
             _, key = create_api_key(s, "acme")
         api = ApiServer(settings, db).start()
-        yield Platform(request.param, settings, stack, db, api.url, key)
+        yield Platform(flavour, settings, stack, db, api.url, key)
     finally:
         if api is not None:
             api.stop()
+            stop_local_instances(api.db)
         stack.stop()
-        if request.param == "redis":
+        if flavour == "redis":
             drop_pg_database(database_url)
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    with platform_up(request.param, tmp_path_factory.mktemp(f"platform-{request.param}")) as p:
+        yield p

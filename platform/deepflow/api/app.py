@@ -6,10 +6,11 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import dashboard, errors, jobs
+from deepflow.api import dashboard, deployments, errors, jobs
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
+from deepflow.gateway import routes as gateway
 from deepflow.store import Database, get_database
 
 
@@ -28,6 +29,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     )
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(deployments.router)
+    gateway.install(app)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from deepflow import dag, store
 from deepflow.api.deps import DB, CurrentTenant
+from deepflow.api.errors import APIError
 from deepflow.api.schemas import (
     EventList,
     EventResponse,
@@ -27,6 +28,13 @@ def create_job(
 ) -> JobResponse:
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
     idempotency key replays an earlier request."""
+    if body.kind == "serve":
+        raise APIError(
+            400,
+            "serve jobs are made by the deployments API: POST /v1/deployments",
+            param="kind",
+            code="use_deployments",
+        )
     plan = dag.plan(body.kind, body.spec)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)

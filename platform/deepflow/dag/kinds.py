@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deepflow.dag import operators
 from deepflow.dag.errors import DagError, format_loc
@@ -21,12 +21,23 @@ from deepflow.dag.trigger_rules import TriggerRule
 
 
 class ServeSpec(BaseModel):
+    """One step of a deployment's convergence (``deepflow.serving.converge`` writes these):
+    launch ``launch`` more replicas and/or stop the instances in ``stop``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
-    replicas: int = Field(default=1, ge=1, le=64)
+    deployment_id: str = Field(min_length=1, max_length=40)
+    launch: int = Field(default=0, ge=0, le=64)
+    stop: list[str] = Field(default_factory=list, max_length=64)
     resource_class: ResourceClass = ResourceClass.CPU
-    policy: Literal["colocated", "disaggregated", "semi_pd"] = "colocated"
+    """Where replicas launch (their daemons take that worker's device)."""
+    reason: str = Field(default="", max_length=200)
+
+    @model_validator(mode="after")
+    def _does_something(self) -> ServeSpec:
+        if not self.launch and not self.stop:
+            raise ValueError("a serve job must launch replicas or stop instances")
+        return self
 
 
 class Hyperparameters(BaseModel):
@@ -62,14 +73,18 @@ def _dag_tasks(spec: DagJobSpec) -> list[TaskSpec]:
 
 
 def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
-    common = {"model": spec.model, "policy": spec.policy}
-    tasks = [TaskSpec(name="prepare_weights", operator="serve.prepare_weights", args=common)]
-    for i in range(spec.replicas):
+    target = {"deployment_id": spec.deployment_id}
+    tasks: list[TaskSpec] = []
+    if spec.launch:
+        tasks.append(
+            TaskSpec(name="prepare_weights", operator="serve.prepare_weights", args=target)
+        )
+    for i in range(spec.launch):
         tasks.append(
             TaskSpec(
                 name=f"launch_replica_{i}",
                 operator="serve.launch_replica",
-                args={**common, "replica": i},
+                args={**target, "replica": i},
                 depends_on=["prepare_weights"],
                 resource_class=spec.resource_class,
                 retries=2,
@@ -81,16 +96,21 @@ def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
                 operator="serve.health_check",
                 args={"replica": i},
                 depends_on=[f"launch_replica_{i}"],
-                retries=3,
+            )
+        )
+    for k, instance_id in enumerate(spec.stop):
+        tasks.append(
+            TaskSpec(
+                name=f"stop_{k}", operator="serve.stop_instance", args={"instance_id": instance_id}
             )
         )
     tasks.append(
         TaskSpec(
-            name="register_instances",
-            operator="serve.register_instances",
-            args=common,
-            depends_on=[f"health_check_{i}" for i in range(spec.replicas)],
-            # Registers whichever replicas came up healthy (and fails if none did).
+            name="update_deployment",
+            operator="serve.update_deployment",
+            args=target,
+            depends_on=[t.name for t in tasks if t.name.startswith(("health_check_", "stop_"))],
+            # Settles the deployment on whatever came up or stopped (failed if nothing did).
             trigger_rule=TriggerRule.ALL_DONE,
         )
     )
@@ -168,10 +188,11 @@ KINDS: dict[str, JobKind] = {
 }
 
 for _name, _what in [
-    ("serve.prepare_weights", "Loads a model's weights into the host weight cache."),
+    ("serve.prepare_weights", "Checks a model folder and reads it into the page cache."),
     ("serve.launch_replica", "Starts one FlowServe engine daemon."),
     ("serve.health_check", "Waits until a replica answers its health check."),
-    ("serve.register_instances", "Records healthy replicas as instances."),
+    ("serve.stop_instance", "Drains an instance and waits until it exited."),
+    ("serve.update_deployment", "Settles the deployment's state on its live instances."),
     ("finetune.validate_data", "Checks the training file."),
     ("finetune.train", "Runs the fine-tuning loop."),
     ("finetune.evaluate", "Scores the trained weights."),

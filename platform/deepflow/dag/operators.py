@@ -33,6 +33,9 @@ class Operator:
     registered in this process; a task naming it fails with a message saying so."""
     check: Callable[[dict[str, Any]], None] = _no_check
     description: str = ""
+    takes_context: bool = False
+    """Its args get ``context``: the job's id and tenant, the task's name, and the outputs
+    of the tasks it depends on (by name), as Airflow's XCom would hand them over."""
 
 
 _REGISTRY: dict[str, Operator] = {}
@@ -77,10 +80,15 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+BUILTIN_PLUGINS = ("deepflow.serving.operators",)
+"""The platform's own operator modules (serving), loaded with any the settings name."""
+
+
 def load_plugins(modules: str | None) -> None:
     """Import operator modules named in a comma-separated list (``DEEPFLOW_OPERATORS``);
     each registers its operators on import. The API and every worker load the same list."""
-    for name in filter(None, (m.strip() for m in (modules or "").split(","))):
+    named = filter(None, (m.strip() for m in (modules or "").split(",")))
+    for name in (*BUILTIN_PLUGINS, *named):
         importlib.import_module(name)
 
 

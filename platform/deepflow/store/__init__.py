@@ -6,6 +6,12 @@ session; the functions flush but never commit. State changes go only through
 """
 
 from deepflow.store.db import Database, get_database
+from deepflow.store.deployments import (
+    create_deployment,
+    deployment_instances,
+    list_deployments,
+    read_deployment,
+)
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.instances import (
     create_instance,
@@ -31,6 +37,8 @@ from deepflow.store.model_registry import list_models, read_model, register_mode
 from deepflow.store.orm import (
     ApiKey,
     Base,
+    Deployment,
+    DeploymentState,
     Event,
     Instance,
     InstanceState,
@@ -54,6 +62,7 @@ from deepflow.store.tasks import (
 from deepflow.store.tenants import authenticate, create_api_key, ensure_tenant
 from deepflow.store.transitions import (
     IllegalTransition,
+    set_deployment_state,
     set_instance_state,
     set_job_state,
     set_model_version_state,
@@ -65,6 +74,8 @@ __all__ = [
     "Base",
     "Conflict",
     "Database",
+    "Deployment",
+    "DeploymentState",
     "Event",
     "IllegalTransition",
     "Instance",
@@ -88,8 +99,10 @@ __all__ = [
     "cancel_job",
     "claim_task",
     "create_api_key",
+    "create_deployment",
     "create_instance",
     "create_job",
+    "deployment_instances",
     "drive_job",
     "ensure_tenant",
     "expire_leases",
@@ -97,15 +110,18 @@ __all__ = [
     "get_database",
     "heartbeat_task",
     "job_dag",
+    "list_deployments",
     "list_instances",
     "list_jobs",
     "list_models",
     "queue_task",
+    "read_deployment",
     "read_job",
     "read_job_events",
     "read_model",
     "register_model_version",
     "report_instance_load",
+    "set_deployment_state",
     "set_instance_state",
     "set_job_state",
     "set_model_version_state",

@@ -23,6 +23,10 @@ def create_instance(
     model_version_id: str | None = None,
     address: str | None = None,
     role: str = "both",
+    deployment_id: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
+    start_path: str | None = None,
 ) -> Instance:
     if role not in ("prefill", "decode", "both"):
         raise ValueError(f"role must be prefill, decode or both, not {role!r}")
@@ -35,6 +39,10 @@ def create_instance(
         device=device,
         address=address,
         role=role,
+        deployment_id=deployment_id,
+        host=host,
+        pid=pid,
+        start_path=start_path,
     )
     session.add(instance)
     record_event(
@@ -45,7 +53,7 @@ def create_instance(
         job_id=job_id,
         to_state=InstanceState.STARTING,
         rule="CreateInstance",
-        data={"model": model_name, "device": device, "role": role},
+        data={"model": model_name, "device": device, "role": role, "deployment": deployment_id},
     )
     session.flush()
     return instance

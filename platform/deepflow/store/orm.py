@@ -49,6 +49,15 @@ class InstanceState(StrEnum):
     FAILED = "failed"
 
 
+class DeploymentState(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
 class ModelVersionState(StrEnum):
     REGISTERING = "registering"
     READY = "ready"
@@ -234,6 +243,34 @@ class ModelVersion(Base):
     model: Mapped[Model] = relationship(back_populates="versions")
 
 
+class Deployment(Base):
+    """A served model: what users asked for (replicas, routing policy). Its instances are
+    launched, replaced and stopped by ``serve`` jobs that converge them on ``replicas``."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (Index("ix_deployments_tenant_name", "tenant_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    """The model name clients send (OpenAI's ``model``)."""
+    model_path: Mapped[str] = mapped_column(String(1000))
+    """The weights: a Hugging Face folder the workers can read."""
+    replicas: Mapped[int] = mapped_column(Integer)
+    """Desired instances."""
+    resource_class: Mapped[ResourceClass] = mapped_column(_enum(ResourceClass, "resource_class"))
+    policy: Mapped[str] = mapped_column(String(40))
+    """Gateway routing: round_robin | least_outstanding_tokens | prefix_cache_aware."""
+    engine_args: Mapped[dict[str, Any]]
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    """The serve job converging its instances now (or last)."""
+    state: Mapped[DeploymentState] = mapped_column(
+        _enum(DeploymentState, "deployment_state"), default=DeploymentState.CREATING
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Instance(Base):
     """A running engine daemon."""
 
@@ -241,6 +278,9 @@ class Instance(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    deployment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), index=True
+    )
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     model_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
     model_name: Mapped[str] = mapped_column(String(200))
@@ -254,6 +294,11 @@ class Instance(Base):
     running: Mapped[int] = mapped_column(Integer, default=0)
     waiting: Mapped[int] = mapped_column(Integer, default=0)
     kv_cache_usage: Mapped[float] = mapped_column(Float, default=0.0)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(200))
+    """Where the daemon runs (the launching worker's host), with ``pid``."""
+    start_path: Mapped[str | None] = mapped_column(String(40))
+    """How it started: ``cold`` (weights read from the model folder)."""
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from deepflow.dag.states import JobState, TaskState
-from deepflow.store.orm import InstanceState, ModelVersionState
+from deepflow.store.orm import DeploymentState, InstanceState, ModelVersionState
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ def _rule(name: str, sources: set[StrEnum], target: StrEnum, why: str) -> Rule:
     return Rule(name, frozenset(sources), target, why)
 
 
-J, T, I, M = JobState, TaskState, InstanceState, ModelVersionState  # noqa: E741
+J, T, I, M, D = JobState, TaskState, InstanceState, ModelVersionState, DeploymentState  # noqa: E741
 
 JOB_POLICY: tuple[Rule, ...] = (
     _rule("QueueJob", {J.PENDING}, J.QUEUED, "The orchestrator created the job's flow run."),
@@ -92,6 +92,29 @@ INSTANCE_POLICY: tuple[Rule, ...] = (
         I.FAILED,
         "It died or missed its heartbeats.",
     ),
+)
+
+DEPLOYMENT_POLICY: tuple[Rule, ...] = (
+    _rule(
+        "DeploymentReady",
+        {D.CREATING, D.DEGRADED, D.FAILED},
+        D.READY,
+        "As many instances are ready as it asks for.",
+    ),
+    _rule("DegradeDeployment", {D.READY}, D.DEGRADED, "Fewer ready instances than it asks for."),
+    _rule(
+        "FailDeployment",
+        {D.CREATING, D.DEGRADED},
+        D.FAILED,
+        "No instance could be brought up.",
+    ),
+    _rule(
+        "DeleteDeployment",
+        {D.CREATING, D.READY, D.DEGRADED, D.FAILED},
+        D.DELETING,
+        "A user deleted it; its instances are being stopped.",
+    ),
+    _rule("DeploymentDeleted", {D.DELETING}, D.DELETED, "Its last instance stopped."),
 )
 
 MODEL_VERSION_POLICY: tuple[Rule, ...] = (

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from deepflow.dag import JobState, TaskState
-from deepflow.store.orm import Job, Task
+from deepflow.store.orm import Job, Task, TaskEdge
 from deepflow.store.transitions import lock, lock_task, set_job_state, set_task_state
 from deepflow.store.types import utcnow
 
@@ -125,3 +125,21 @@ def end_attempt(session: Session, task_id: str, error: str, now: datetime) -> Ta
         task.next_attempt_at = now + timedelta(seconds=retry_delay_s(task))
         return set_task_state(session, task, TaskState.UP_FOR_RETRY, reason=error)
     return set_task_state(session, task, TaskState.FAILED, reason=error)
+
+
+def task_context(session: Session, task: Task) -> dict[str, Any]:
+    """What an operator that ``takes_context`` gets: its job, tenant, name and the outputs of
+    the tasks it depends on, by name."""
+    upstream = aliased(Task)
+    rows = session.execute(
+        select(upstream.name, upstream.output)
+        .join(TaskEdge, TaskEdge.upstream_id == upstream.id)
+        .where(TaskEdge.downstream_id == task.id)
+    ).all()
+    return {
+        "job_id": task.job_id,
+        "tenant_id": task.tenant_id,
+        "task": task.name,
+        "attempt": task.attempt,
+        "upstream": {name: output for name, output in rows},
+    }

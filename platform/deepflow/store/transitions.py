@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from deepflow.dag.states import JobState, TaskState
 from deepflow.store.orm import (
+    Deployment,
+    DeploymentState,
     Event,
     Instance,
     InstanceState,
@@ -29,6 +31,7 @@ from deepflow.store.orm import (
     Task,
 )
 from deepflow.store.policy import (
+    DEPLOYMENT_POLICY,
     INSTANCE_POLICY,
     JOB_POLICY,
     MODEL_VERSION_POLICY,
@@ -46,7 +49,7 @@ class IllegalTransition(ValueError):
         self.target = target
 
 
-Row = TypeVar("Row", Job, Task, Instance, ModelVersion)
+Row = TypeVar("Row", Job, Task, Instance, ModelVersion, Deployment)
 
 
 def lock(session: Session, cls: type[Row], row_id: str) -> Row:
@@ -92,7 +95,7 @@ def record_event(
 
 def _change(
     session: Session,
-    row: Job | Task | Instance | ModelVersion,
+    row: Job | Task | Instance | ModelVersion | Deployment,
     policy: tuple[Rule, ...],
     entity_type: str,
     target: StrEnum,
@@ -186,6 +189,20 @@ def set_instance_state(
     instance = lock(session, Instance, instance_id)
     _change(session, instance, INSTANCE_POLICY, "instance", target, instance.job_id, reason, data)
     return instance
+
+
+def set_deployment_state(
+    session: Session,
+    deployment: str | Deployment,
+    target: DeploymentState,
+    *,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> Deployment:
+    if isinstance(deployment, str):
+        deployment = lock(session, Deployment, deployment)
+    _change(session, deployment, DEPLOYMENT_POLICY, "deployment", target, None, reason, data)
+    return deployment
 
 
 def set_model_version_state(

@@ -1,0 +1,162 @@
+"""Forward one OpenAI request to an instance and its answer back, streaming without buffering.
+
+A request is tried on another instance when its first one refused the connection, was
+draining (503) or over capacity (429), or broke before a single byte reached the client. Once
+bytes have been streamed, a broken upstream ends the stream with an OpenAI error event
+(the official client raises it) instead of a silent truncation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import Response
+from fastapi.responses import StreamingResponse
+
+from deepflow.api.errors import APIError, error_response
+from deepflow.gateway.policies import Endpoint
+from deepflow.gateway.table import Route
+
+ATTEMPTS = 3
+DOWN_FOR_S = 5.0
+RETRY_STATUS = {429, 503}
+TIMEOUT = httpx.Timeout(connect=2.0, read=600.0, write=30.0, pool=30.0)
+LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+
+
+class Proxy:
+    def __init__(self) -> None:
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:  # made in the server's event loop, on first use
+            self._client = httpx.AsyncClient(timeout=TIMEOUT, limits=LIMITS)
+        return self._client
+
+    async def forward(
+        self,
+        route: Route,
+        path: str,
+        body: bytes,
+        hashes: list[bytes],
+        cost: int,
+        stream: bool,
+    ) -> Response:
+        tried: set[str] = set()
+        last: Response | None = None
+        for _ in range(ATTEMPTS):
+            candidates = [e for e in route.live(time.monotonic()) if e.instance_id not in tried]
+            if not candidates:
+                break
+            endpoint = route.policy.choose(candidates, hashes, cost)
+            tried.add(endpoint.instance_id)
+            endpoint.outstanding_tokens += cost
+            endpoint.outstanding_requests += 1
+            handed_over = False
+            try:
+                request = self.client.build_request(
+                    "POST",
+                    f"{endpoint.address}{path}",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+                try:
+                    upstream = await self.client.send(request, stream=True)
+                except httpx.TransportError:
+                    endpoint.down_until = time.monotonic() + DOWN_FOR_S
+                    continue
+                if upstream.status_code in RETRY_STATUS:
+                    last = await _buffered(upstream)
+                    continue
+                if not stream or upstream.status_code >= 400:
+                    try:
+                        response = await _buffered(upstream)
+                    except httpx.TransportError:  # died before answering: nothing sent yet
+                        endpoint.down_until = time.monotonic() + DOWN_FOR_S
+                        continue
+                    endpoint.remember(hashes)
+                    return response
+                chunks = upstream.aiter_raw()
+                try:
+                    first = await anext(chunks)
+                except (httpx.TransportError, StopAsyncIteration):
+                    await upstream.aclose()
+                    endpoint.down_until = time.monotonic() + DOWN_FOR_S
+                    continue
+                endpoint.remember(hashes)
+                handed_over = True
+                return StreamingResponse(
+                    _relay(first, chunks, upstream, endpoint, cost),
+                    status_code=upstream.status_code,
+                    media_type=upstream.headers.get("content-type", "text/event-stream"),
+                )
+            finally:
+                if not handed_over:
+                    _release(endpoint, cost)
+        if last is not None:
+            return last
+        raise APIError(
+            503,
+            "no instance of this model could take the request; try again shortly",
+            code="no_ready_instance",
+        )
+
+
+async def _buffered(upstream: httpx.Response) -> Response:
+    try:
+        content = await upstream.aread()
+    finally:
+        await upstream.aclose()
+    return Response(
+        content,
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type", "application/json"),
+    )
+
+
+def _release(endpoint: Endpoint, cost: int) -> None:
+    endpoint.outstanding_tokens -= cost
+    endpoint.outstanding_requests -= 1
+
+
+async def _relay(
+    first: bytes,
+    chunks: AsyncIterator[bytes],
+    upstream: httpx.Response,
+    endpoint: Endpoint,
+    cost: int,
+) -> AsyncIterator[bytes]:
+    """Pass chunks through as they arrive; closing (a client disconnect) closes upstream,
+    which makes the daemon abort the request."""
+    try:
+        yield first
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except httpx.TransportError as exc:
+            endpoint.down_until = time.monotonic() + DOWN_FOR_S
+            yield _error_event(f"the model instance stopped mid-stream: {type(exc).__name__}")
+    finally:
+        await upstream.aclose()
+        _release(endpoint, cost)
+
+
+def _error_event(message: str) -> bytes:
+    body = json.loads(error_response(502, message, None, "instance_failed").body)
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def request_cost(payload: dict[str, Any], prompt_text: str) -> int:
+    """Tokens the request will occupy, estimated: ~4 characters a prompt token, plus the
+    output it may produce for each of its ``n`` samples."""
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or 256
+    n = payload.get("n") or 1
+    try:
+        return len(prompt_text) // 4 + int(max_tokens) * int(n)
+    except (TypeError, ValueError):
+        return len(prompt_text) // 4

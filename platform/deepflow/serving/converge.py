@@ -1,0 +1,130 @@
+"""Deployments converge on their replica count through ``serve`` jobs.
+
+The deployment row holds what users asked for; instances are what runs. ``converge`` compares
+the two and, when they differ and no serve job of the deployment is still running, creates
+one that launches the missing replicas or stops the surplus. The API calls it on create,
+scale and delete; the supervisor (``deepflow.serving.supervisor``) calls it after an
+instance dies. ``settle`` moves the deployment's own state once a job has done its part.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy.orm import Session
+
+from deepflow import dag
+from deepflow.dispatch import Dispatcher
+from deepflow.store import (
+    Database,
+    Deployment,
+    DeploymentState,
+    InstanceState,
+    Job,
+    create_job,
+    deployment_instances,
+    report_instance_load,
+    set_deployment_state,
+)
+from deepflow.store.deployments import GONE
+from deepflow.store.transitions import lock
+
+DRAIN_TIMEOUT_S = 60.0
+
+__all__ = ["GONE", "converge", "drain", "record_load", "settle"]
+
+
+def _desired(deployment: Deployment) -> int:
+    return 0 if deployment.state in GONE else deployment.replicas
+
+
+def _change_needed(session: Session, deployment: Deployment) -> dict[str, Any] | None:
+    """The serve job spec that closes the gap between asked-for and live, or None."""
+    live = deployment_instances(session, deployment.id, live_only=True)
+    desired = _desired(deployment)
+    if len(live) < desired:
+        return {"deployment_id": deployment.id, "launch": desired - len(live)}
+    if len(live) > desired:
+        newest_first = sorted(live, key=lambda i: i.created_at, reverse=True)
+        surplus = newest_first[: len(live) - desired]
+        return {"deployment_id": deployment.id, "stop": [i.id for i in surplus]}
+    return None
+
+
+def converge(
+    db: Database, dispatcher: Dispatcher | None, deployment_id: str, reason: str
+) -> str | None:
+    """Start a serve job for the deployment if it needs one and none is running; returns the
+    new job's id."""
+    with db.transaction() as session:
+        deployment = lock(session, Deployment, deployment_id)
+        if deployment.job_id is not None:
+            current = session.get(Job, deployment.job_id)
+            if current is not None and not current.state.is_terminal:
+                return None  # that job's last task settles the deployment; we look again then
+        spec = _change_needed(session, deployment)
+        if spec is None:
+            if deployment.state is DeploymentState.DELETING:
+                set_deployment_state(session, deployment, DeploymentState.DELETED)
+            return None
+        spec["resource_class"] = deployment.resource_class.value
+        spec["reason"] = reason
+        job, _ = create_job(session, deployment.tenant_id, dag.plan("serve", spec), "serve", None)
+        deployment.job_id = job.id
+        job_id = job.id
+    if dispatcher is not None:
+        dispatcher.try_dispatch(job_id, "serve")
+    return job_id
+
+
+def settle(session: Session, deployment_id: str) -> dict[str, Any]:
+    """Move the deployment's state to match its instances (the serve job's last task)."""
+    deployment = lock(session, Deployment, deployment_id)
+    instances = deployment_instances(session, deployment_id, live_only=True)
+    ready = sum(i.state is InstanceState.READY for i in instances)
+    state, desired = deployment.state, _desired(deployment)
+    if state is DeploymentState.DELETING and not instances:
+        set_deployment_state(session, deployment, DeploymentState.DELETED)
+    elif state not in GONE and desired and ready >= desired and state is not DeploymentState.READY:
+        set_deployment_state(session, deployment, DeploymentState.READY)
+    elif state is DeploymentState.READY and ready < desired:
+        set_deployment_state(session, deployment, DeploymentState.DEGRADED, reason="too few ready")
+    elif state is DeploymentState.CREATING and ready == 0:
+        set_deployment_state(
+            session, deployment, DeploymentState.FAILED, reason="no instance came up"
+        )
+    return {
+        "deployment_id": deployment_id,
+        "state": str(deployment.state),
+        "ready": ready,
+        "replicas": deployment.replicas,
+    }
+
+
+def record_load(session: Session, instance_id: str, health: dict[str, Any]) -> None:
+    """A /health answer as the instance's heartbeat and load."""
+    report_instance_load(
+        session,
+        instance_id,
+        running=int(health.get("running", 0)),
+        waiting=int(health.get("waiting", 0)),
+        kv_cache_usage=float(health.get("kv_cache_usage", 0.0)),
+    )
+
+
+def drain(address: str, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Ask a daemon to drain and wait until it has exited (stops answering)."""
+    try:
+        httpx.post(f"{address}/drain", timeout=5)
+    except httpx.HTTPError:
+        return  # already gone
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{address}/health", timeout=2)
+        except httpx.HTTPError:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{address} still answers {timeout_s:.0f}s after /drain")

@@ -1,0 +1,220 @@
+"""The ``serve`` job kind's operators: bring engine daemons up, check them, stop them.
+
+``launch_replica`` runs on a worker of the deployment's resource class, so the daemon it
+starts inherits that worker's pinned device; the daemon runs in its own session and outlives
+the task (it is long-lived by design). Everything else talks HTTP and runs on ``cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deepflow.config import Settings
+from deepflow.dag.operators import Operator, OperatorFailed, register
+from deepflow.serving import converge
+from deepflow.store import (
+    Deployment,
+    Instance,
+    InstanceState,
+    create_instance,
+    get_database,
+    set_instance_state,
+)
+from deepflow.store.types import utcnow
+from workers.constants import VISIBLE_DEVICES_ENV
+
+LAUNCH_TIMEOUT_S = 300.0
+HEALTH_TIMEOUT_S = 60.0
+READY_LINE = re.compile(rb"FlowServe ready on (http://\S+) ")
+LOG_TAIL_CHARS = 2000
+
+
+def _db() -> Any:
+    return get_database(Settings.from_env().database_url)
+
+
+def _deployment(deployment_id: str) -> Deployment:
+    with _db().transaction() as session:
+        deployment = session.get(Deployment, deployment_id)
+        if deployment is None:
+            raise OperatorFailed(f"deployment {deployment_id} does not exist")
+        session.expunge(deployment)
+        return deployment
+
+
+def prepare_weights(args: dict[str, Any]) -> dict[str, Any]:
+    """Check the model folder and read its files once, so the daemons load from page cache."""
+    folder = Path(_deployment(args["deployment_id"]).model_path)
+    if not (folder / "config.json").is_file():
+        raise OperatorFailed(f"{folder} is not a model folder (no config.json)")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise OperatorFailed(f"{folder} holds no *.safetensors weights")
+    total = 0
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    total += len(chunk)
+    return {"model_path": str(folder), "weight_files": len(weights), "bytes": total}
+
+
+def _device(resource_class: str) -> str:
+    visible = os.environ.get(VISIBLE_DEVICES_ENV.get(resource_class, ""), "")
+    return f"{resource_class}:{visible}" if visible else resource_class
+
+
+def _engine_argv(deployment: Deployment, host: str) -> list[str]:
+    argv = [sys.executable, "-m", "deepflow.engine.daemon", deployment.model_path]
+    argv += ["--host", host, "--port", "0", "--served-model-name", deployment.name]
+    for key, value in sorted(deployment.engine_args.items()):
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _log_tail(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text[-LOG_TAIL_CHARS:]
+
+
+def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
+    """Start one daemon; return once it says it is ready (its address) or fail with its log."""
+    settings = Settings.from_env()
+    context = args["context"]
+    deployment = _deployment(args["deployment_id"])
+    if deployment.state in converge.GONE:
+        raise OperatorFailed(f"deployment {deployment.id} is {deployment.state}")
+    db = get_database(settings.database_url)
+    with db.transaction() as session:
+        instance = create_instance(
+            session,
+            deployment.tenant_id,
+            model_name=deployment.name,
+            device=_device(deployment.resource_class.value),
+            job_id=context["job_id"],
+            deployment_id=deployment.id,
+            host=socket.gethostname(),
+            start_path="cold",
+        )
+        instance_id = instance.id
+    log_path = settings.ensure_home() / "instances" / f"{instance_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _engine_argv(deployment, settings.instance_host),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives this task and its worker
+        )
+    try:
+        address = _wait_ready(proc, log_path)
+    except BaseException as exc:  # includes the lease guard stopping this attempt
+        proc.kill()
+        proc.wait()
+        with db.transaction() as session:
+            set_instance_state(
+                session, instance_id, InstanceState.FAILED, reason=f"launch failed: {exc}"
+            )
+        raise
+    # The worker process stays the daemon's parent: reap it when it exits, or it lingers
+    # as a zombie (still "alive" to kill(pid, 0)).
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    with db.transaction() as session:
+        row = session.get(Instance, instance_id)
+        assert row is not None
+        row.address, row.pid, row.updated_at = address, proc.pid, utcnow()
+    return {"instance_id": instance_id, "address": address, "pid": proc.pid}
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> str:
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = READY_LINE.search(log_path.read_bytes())
+        if match:
+            return match.group(1).decode()
+        if proc.poll() is not None:
+            raise OperatorFailed(
+                f"the engine daemon exited with status {proc.returncode}:\n{_log_tail(log_path)}"
+            )
+        time.sleep(0.1)
+    raise OperatorFailed(f"the engine daemon was not ready in {LAUNCH_TIMEOUT_S:.0f}s")
+
+
+def health_check(args: dict[str, Any]) -> dict[str, Any]:
+    """From the platform's side: the launched instance answers /health; mark it ready."""
+    launched = args["context"]["upstream"][f"launch_replica_{args['replica']}"]
+    instance_id, address = launched["instance_id"], launched["address"]
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{address}/health", timeout=5)
+            if r.status_code == 200:
+                load = r.json()
+                with _db().transaction() as session:
+                    set_instance_state(session, instance_id, InstanceState.READY)
+                    converge.record_load(session, instance_id, load)
+                return {"instance_id": instance_id, "address": address, "health": load}
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise OperatorFailed(f"instance {instance_id} at {address} is not healthy: {last}")
+
+
+def stop_instance(args: dict[str, Any]) -> dict[str, Any]:
+    """Drain the instance (it finishes open requests, then exits) and mark it stopped."""
+    instance_id = args["instance_id"]
+    with _db().transaction() as session:
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise OperatorFailed(f"instance {instance_id} does not exist")
+        address, state = instance.address, instance.state
+        if state is InstanceState.READY:
+            set_instance_state(session, instance_id, InstanceState.DRAINING)
+    if state in (InstanceState.STOPPED, InstanceState.FAILED):
+        return {"instance_id": instance_id, "state": str(state)}
+    if address:
+        converge.drain(address)
+    with _db().transaction() as session:
+        set_instance_state(session, instance_id, InstanceState.STOPPED, reason="scaled in")
+    return {"instance_id": instance_id, "state": "stopped"}
+
+
+def update_deployment(args: dict[str, Any]) -> dict[str, Any]:
+    """After the job's launches and stops: the deployment's state from what is live."""
+    with _db().transaction() as session:
+        return converge.settle(session, args["deployment_id"])
+
+
+for _op in (
+    Operator("serve.prepare_weights", prepare_weights, description=prepare_weights.__doc__ or ""),
+    Operator(
+        "serve.launch_replica",
+        launch_replica,
+        description=launch_replica.__doc__ or "",
+        takes_context=True,
+    ),
+    Operator(
+        "serve.health_check",
+        health_check,
+        description=health_check.__doc__ or "",
+        takes_context=True,
+    ),
+    Operator("serve.stop_instance", stop_instance, description=stop_instance.__doc__ or ""),
+    Operator(
+        "serve.update_deployment", update_deployment, description=update_deployment.__doc__ or ""
+    ),
+):
+    register(_op)

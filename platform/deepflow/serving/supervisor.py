@@ -1,0 +1,150 @@
+"""The platform's eye on its engine daemons: one pass probes every ready instance's /health
+(its heartbeat and load), fails the dead ones, and converges each deployment.
+
+A refused connection means nothing listens any more: the instance is failed at once. A probe
+that times out is a miss; ``MISSES_TO_FAIL`` in a row fail it too (a stuck process). The
+reconciler runs ``pass_once`` every ``reconcile_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from deepflow.dispatch import Dispatcher
+from deepflow.serving.converge import converge, record_load, settle
+from deepflow.store import (
+    Database,
+    Deployment,
+    DeploymentState,
+    Instance,
+    InstanceState,
+    Job,
+    set_instance_state,
+)
+
+log = logging.getLogger(__name__)
+
+MISSES_TO_FAIL = 3
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Supervisor:
+    db: Database
+    dispatcher: Dispatcher | None
+    misses: dict[str, int] = field(default_factory=dict)
+
+    def pass_once(self) -> None:
+        self.probe_instances()
+        self.converge_deployments()
+
+    def probe_instances(self) -> None:
+        with self.db.transaction() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.address).where(
+                    Instance.state == InstanceState.READY, Instance.address.is_not(None)
+                )
+            ).all()
+        if not rows:
+            return
+        with ThreadPoolExecutor(max_workers=min(16, len(rows))) as pool:
+            results = list(pool.map(lambda r: (r[0], _probe(r[1])), rows))
+        for instance_id, (health, verdict) in results:
+            self._apply(instance_id, health, verdict)
+
+    def _apply(self, instance_id: str, health: dict[str, Any] | None, verdict: str) -> None:
+        with self.db.transaction() as session:
+            if health is not None:
+                self.misses.pop(instance_id, None)
+                record_load(session, instance_id, health)
+                return
+            misses = self.misses.get(instance_id, 0) + 1
+            self.misses[instance_id] = misses
+            if verdict == "refused" or misses >= MISSES_TO_FAIL:
+                self.misses.pop(instance_id, None)
+                row = session.get(Instance, instance_id)
+                if row is not None and row.state is InstanceState.READY:
+                    log.warning("instance %s failed its health checks: %s", instance_id, verdict)
+                    set_instance_state(
+                        session, instance_id, InstanceState.FAILED, reason=f"health: {verdict}"
+                    )
+
+    def converge_deployments(self) -> None:
+        with self.db.transaction() as session:
+            rows = session.execute(
+                select(Deployment.id, Job.state)
+                .outerjoin(Job, Job.id == Deployment.job_id)
+                .where(Deployment.state != DeploymentState.DELETED)
+            ).all()
+        for deployment_id, job_state in rows:
+            if job_state is not None and not job_state.is_terminal:
+                continue  # its serve job settles it when done
+            with self.db.transaction() as session:
+                settle(session, deployment_id)
+            converge(self.db, self.dispatcher, deployment_id, "supervisor")
+
+
+def _probe(address: str) -> tuple[dict[str, Any] | None, str]:
+    """(health JSON, "ok") or (None, why)."""
+    try:
+        r = httpx.get(f"{address}/health", timeout=PROBE_TIMEOUT_S)
+    except httpx.ConnectError:
+        return None, "refused"
+    except httpx.HTTPError as exc:
+        return None, f"no answer ({type(exc).__name__})"
+    if r.status_code != 200:
+        return None, f"HTTP {r.status_code}"
+    return r.json(), "ok"
+
+
+def stop_local_instances(db: Database, grace_s: float = 15.0) -> int:
+    """Stop the daemons this host runs (``deepflow up`` exiting): SIGTERM drains them, SIGKILL
+    after ``grace_s``. They are marked stopped, so the next start brings their deployments
+    back to strength. Returns how many were running."""
+    host = socket.gethostname()
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Instance.id, Instance.pid).where(
+                Instance.state.in_(
+                    [InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING]
+                ),
+                Instance.host == host,
+                Instance.pid.is_not(None),
+            )
+        ).all()
+    alive = {pid for _, pid in rows if _signal(pid, signal.SIGTERM)}
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = {pid for pid in alive if _signal(pid, 0)}
+    for pid in alive:
+        _signal(pid, signal.SIGKILL)
+    for instance_id, _ in rows:
+        with db.transaction() as session:
+            set_instance_state(
+                session, instance_id, InstanceState.STOPPED, reason="the platform stopped"
+            )
+    return len(rows)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    """Send ``sig``; False when no such process (or only its zombie) is left."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
