@@ -255,6 +255,14 @@ class MetricsHistory:
                 ring.append(_point(wall, deltas, latest))
         for gone in self._last.keys() - seen:
             del self._last[gone]
+        self._forget(wall - self.capacity * self.interval_s)
+
+    def _forget(self, before: float) -> None:
+        """Drop the history of deployments with no point since ``before`` (deleted ones)."""
+        with self._lock:
+            for deployment_id in [d for d, ring in self._series.items() if ring[-1].t < before]:
+                del self._series[deployment_id]
+                self._tenants.pop(deployment_id, None)
 
     def _scrape(self, target: Target, now: float) -> Scrape | None:
         try:
