@@ -75,7 +75,8 @@ BAD_BODIES = [
         None,
     ),
     ({"kind": "dag", "spec": {"tasks": [_task("a", retries=-1)]}}, "invalid_spec", None),
-    ({"kind": "serve", "spec": {"model": "m", "replicas": 0}}, "invalid_spec", "spec.replicas"),
+    ({"kind": "finetune", "spec": {"model": "m"}}, "invalid_spec", "spec.training_file"),
+    ({"kind": "serve", "spec": {"deployment_id": "d", "launch": 1}}, "use_deployments", "kind"),
 ]
 
 

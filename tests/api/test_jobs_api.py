@@ -42,9 +42,9 @@ def test_create_returns_job_with_tasks_and_edges(api: Api) -> None:
 
 def test_list_filters_and_paginates(api: Api) -> None:
     ids = [_post(api, {"kind": "dag", "spec": FAN}).json()["id"] for _ in range(3)]
-    serve = _post(api, {"kind": "serve", "spec": {"model": "tiny", "replicas": 2}})
-    assert serve.status_code == 201
-    assert [t["name"] for t in serve.json()["tasks"]][:2] == ["prepare_weights", "launch_replica_0"]
+    tune = _post(api, {"kind": "finetune", "spec": {"model": "tiny", "training_file": "f"}})
+    assert tune.status_code == 201
+    assert [t["name"] for t in tune.json()["tasks"]][:2] == ["validate_data", "train"]
     api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=api.headers())
 
     def page(**params: Any) -> Any:
@@ -54,11 +54,11 @@ def test_list_filters_and_paginates(api: Api) -> None:
 
     first = page(limit=2)
     assert first["object"] == "list" and first["has_more"] is True
-    assert [j["id"] for j in first["data"]] == [serve.json()["id"], ids[2]]
+    assert [j["id"] for j in first["data"]] == [tune.json()["id"], ids[2]]
     second = page(limit=2, after=first["last_id"])
     assert [j["id"] for j in second["data"]] == [ids[1], ids[0]] and not second["has_more"]
     assert [j["id"] for j in page(state="cancelled")["data"]] == [ids[0]]
-    assert [j["id"] for j in page(kind="serve")["data"]] == [serve.json()["id"]]
+    assert [j["id"] for j in page(kind="finetune")["data"]] == [tune.json()["id"]]
     assert page(kind="dag", state="pending")["first_id"] == ids[2]
 
 
