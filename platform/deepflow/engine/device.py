@@ -107,7 +107,7 @@ class Device:
 
     @property
     def kernel_backend(self) -> str:
-        """"triton" where the fused Triton kernels run (CUDA with triton importable), else
+        """ "triton" where the fused Triton kernels run (CUDA with triton importable), else
         "torch" (the reference layers: the CPU, and the NPU until it has kernels of its own)."""
         if self.type != "cuda":
             return "torch"
