@@ -12,7 +12,14 @@ import pytest
 from deepflow import store
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed, register
-from deepflow.store import InstanceState, create_instance, queue_task, set_instance_state
+from deepflow.dag.spec import ResourceClass
+from deepflow.store import (
+    InstanceState,
+    create_deployment,
+    create_instance,
+    queue_task,
+    set_instance_state,
+)
 from tests.api.conftest import Api
 from tests.browser.metrics_source import MetricsSource
 from workers.execute import execute_task
@@ -55,7 +62,6 @@ def _get(api: Api, path: str, key: str | None = None, **params: Any) -> Any:
 def test_session_names_the_tenant_and_rejects_bad_keys(api: Api) -> None:
     body = _get(api, "/ui/api/session")
     assert body["tenant"]["name"] == "acme"
-    assert body["deployments_path"] in ("/v1/deployments", "/ui/api/deployments")
     r = api.client.get("/ui/api/session", headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
@@ -171,47 +177,50 @@ def source() -> Iterator[MetricsSource]:
     src.close()
 
 
-def test_deployments_and_metrics_from_a_real_exporter(api: Api, source: MetricsSource) -> None:
-    """Instances inserted through the store, grouped by the job that launched them; one
-    of them scraped from a real Prometheus exporter."""
-    job = _post(api, {"kind": "dag", "spec": DAG})
+def test_deployment_history_and_metrics_from_a_real_exporter(
+    api: Api, source: MetricsSource
+) -> None:
+    """A deployment with a ready replica scraped from a real Prometheus exporter and one
+    stopped earlier: its scaling history, its metrics over time, and tenants kept apart."""
     with api.db.transaction() as s:
         tenant = _tenant(api)
-        ready = create_instance(
+        dep = create_deployment(
             s,
             tenant,
-            model_name="tiny-llama",
-            device="cpu",
-            job_id=job["id"],
-            address=source.address,
+            name="tiny-llama",
+            model_path="/models/tiny-llama",
+            replicas=1,
+            resource_class=ResourceClass.CPU,
+            policy="round_robin",
         )
-        create_instance(s, tenant, model_name="tiny-llama", device="cpu", job_id=job["id"])
+        common = {"model_name": "tiny-llama", "device": "cpu", "deployment_id": dep.id}
+        old = create_instance(s, tenant, **common)
+        ready = create_instance(s, tenant, address=source.address, **common)
         s.flush()
+        set_instance_state(s, old.id, InstanceState.STOPPED)
         set_instance_state(s, ready.id, InstanceState.READY)
+        dep_id = dep.id
 
-    [dep] = _get(api, "/ui/api/deployments")["data"]
-    assert dep["id"] == job["id"] and dep["model"] == "tiny-llama" and dep["replicas"] == 2
-    assert dep["state"] == "ready" and dep["job_id"] == job["id"]
-    assert [i["state"] for i in dep["instances"]] == ["ready", "starting"]
-    assert _get(api, "/ui/api/deployments", key=api.other_key)["data"] == []
-    events = _get(api, f"/ui/api/deployments/{job['id']}/events")["data"]
-    assert [e["rule"] for e in events if e["entity_type"] == "instance"] == [
-        "CreateInstance",
-        "CreateInstance",
-        "MarkInstanceReady",
+    events = _get(api, f"/ui/api/deployments/{dep_id}/events")["data"]
+    assert [(e["entity_type"], e["rule"]) for e in events] == [
+        ("deployment", "CreateDeployment"),
+        ("instance", "CreateInstance"),
+        ("instance", "CreateInstance"),
+        ("instance", "StopInstance"),
+        ("instance", "MarkInstanceReady"),
     ]
-    assert [e["rule"] for e in events if e["entity_type"] == "job"] == ["CreateJob"]
-    r = api.client.get(
-        f"/ui/api/deployments/{job['id']}/events", headers=api.headers(api.other_key)
-    )
+    r = api.client.get(f"/ui/api/deployments/{dep_id}/events", headers=api.headers(api.other_key))
     assert r.status_code == 404 and r.json()["error"]["code"] == "deployment_not_found"
+    assert _get(api, f"/v1/deployments/{dep_id}/metrics")["data"] == []  # nothing sampled yet
+    r = api.client.get(f"/v1/deployments/{dep_id}/metrics", headers=api.headers(api.other_key))
+    assert r.status_code == 404
 
     history = api.client.app.state.metrics_history  # type: ignore[attr-defined]
     source.load(running=3, waiting=1, kv=0.25)
     history.sample()
     source.serve(20, ttft_s=0.08, tpot_s=0.015, tokens=10)
     history.sample()
-    points = _get(api, f"/v1/deployments/{job['id']}/metrics")["data"]
+    points = _get(api, f"/v1/deployments/{dep_id}/metrics")["data"]
     assert len(points) == 2
     first, second = points
     assert first["ttft_p50"] is None and first["requests_per_s"] == 0  # no interval yet
@@ -219,10 +228,10 @@ def test_deployments_and_metrics_from_a_real_exporter(api: Api, source: MetricsS
     assert 0.05 < second["ttft_p50"] <= 0.1 and 0.064 < second["ttft_mean"] < 0.096
     assert 0.01 < second["tpot_p50"] <= 0.02
     assert second["requests_per_s"] > 0 and second["output_tokens_per_s"] > second["requests_per_s"]
-    later = _get(api, f"/v1/deployments/{job['id']}/metrics", since=first["t"])["data"]
+    later = _get(api, f"/v1/deployments/{dep_id}/metrics", since=first["t"])["data"]
     assert [p["t"] for p in later] == [second["t"]]
 
-    r = api.client.get(f"/v1/deployments/{job['id']}/metrics", headers=api.headers(api.other_key))
+    r = api.client.get(f"/v1/deployments/{dep_id}/metrics", headers=api.headers(api.other_key))
     assert r.status_code == 404 and r.json()["error"]["code"] == "deployment_not_found"
     assert api.client.get("/v1/deployments/nope/metrics", headers=api.headers()).status_code == 404
 

@@ -3,7 +3,8 @@
 The platform is the integration tests' ``platform`` fixture (a Prefect server, the flow
 runner, a Celery worker and the API), run on the embedded defaults only. ``bare_api`` is a
 second API over its own SQLite database and without Prefect, for data the tests insert
-through the store (a thousand jobs, a deployment's instances): nothing dispatches it.
+through the store (a thousand jobs; a deployment whose replica is the daemon tests' real
+FlowServe daemon, ``daemon``): nothing dispatches its jobs.
 
 Every page fails its test on a console error or an uncaught exception, unless the test
 said it expects that one (``page_errors.expect``). ``DEEPFLOW_UPDATE_SCREENSHOTS=1`` writes
@@ -24,6 +25,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from deepflow.config import Settings
 from deepflow.launcher import ApiServer
 from deepflow.store import Database, create_api_key, schema
+from tests.daemon.conftest import daemon, tiny_model  # noqa: F401  (fixtures, reused)
 from tests.integration.conftest import REPO, platform  # noqa: F401  (the fixture, reused)
 
 CHROMIUM = "/usr/bin/chromium"

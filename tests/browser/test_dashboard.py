@@ -5,28 +5,27 @@ instances and charts, page through a thousand jobs, and keep tenants apart."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
 from deepflow import dag, store
-from deepflow.dag import JobState
+from deepflow.dag.spec import ResourceClass
 from deepflow.store import (
     InstanceState,
     claim_task,
     create_instance,
     queue_task,
-    report_instance_load,
     set_instance_state,
-    set_job_state,
     succeed_task,
 )
 from tests.browser.conftest import BareApi, Tab, open_tab, screenshot
-from tests.browser.metrics_source import MetricsSource
+from tests.daemon.conftest import Daemon
 from tests.integration.conftest import Platform
 
 EMBEDDED = pytest.mark.parametrize("platform", ["embedded"], indirect=True)
@@ -203,43 +202,36 @@ def test_list_filters_and_a_second_tenant_sees_nothing(
         second.page.context.close()
 
 
-@pytest.fixture
-def metrics_source() -> Iterator[MetricsSource]:
-    source = MetricsSource(model="tiny-llama")
-    yield source
-    source.close()
-
-
-def _deployment(api: BareApi, tenant_key: str, source: MetricsSource) -> str:
-    """Three replicas launched by one job (the deployment, as the dashboard groups them
-    while /v1/deployments is not installed): two ready (one scraped for metrics), one
-    starting."""
+def _deployment(api: BareApi, tenant_key: str, daemon: Daemon, model_dir: Path) -> str:
+    """A deployment of one replica, served by a real FlowServe daemon, with the replica it
+    replaced (failed) in its history."""
     with api.db.transaction() as s:
         tenant = store.authenticate(s, tenant_key)
         assert tenant is not None
-        launch = dag.plan("dag", {"tasks": [{"name": "launch", "operator": "noop"}]})
-        job, _ = store.create_job(s, tenant.id, launch, "dag")
-        set_job_state(s, job, JobState.RUNNING)
-        specs = [
-            ("prefill", source.address, 0.42),
-            ("decode", "127.0.0.1:9", 0.18),
-            ("both", None, 0.0),
-        ]
-        for i, (role, address, kv) in enumerate(specs):
-            inst = create_instance(
-                s,
-                tenant.id,
-                model_name="tiny-llama",
-                device=f"cpu:{i}",
-                job_id=job.id,
-                address=address,
-                role=role,
-            )
-            s.flush()
-            if address:
-                set_instance_state(s, inst.id, InstanceState.READY)
-                report_instance_load(s, inst.id, running=2 + i, waiting=i, kv_cache_usage=kv)
-        return job.id
+        dep = store.create_deployment(
+            s,
+            tenant.id,
+            name=daemon.model,
+            model_path=str(model_dir),
+            replicas=1,
+            resource_class=ResourceClass.CPU,
+            policy="least_outstanding_tokens",
+        )
+        common = {"model_name": daemon.model, "device": "cpu", "deployment_id": dep.id}
+        old = create_instance(s, tenant.id, start_path="cold", **common)
+        new = create_instance(
+            s,
+            tenant.id,
+            address=daemon.url,
+            start_path="cold",
+            host=socket.gethostname(),
+            pid=daemon.proc.pid,
+            **common,
+        )
+        s.flush()
+        set_instance_state(s, old.id, InstanceState.FAILED, reason="health: refused")
+        set_instance_state(s, new.id, InstanceState.READY)
+        return dep.id
 
 
 def _finetune_with_loss(api: BareApi, tenant_key: str) -> None:
@@ -258,19 +250,20 @@ def _finetune_with_loss(api: BareApi, tenant_key: str) -> None:
 
 
 def test_deployment_instances_charts_and_loss(
-    bare_api: BareApi, metrics_source: MetricsSource, tab: Tab, tmp_path: Path
+    bare_api: BareApi, daemon: Daemon, tiny_model: Path, tab: Tab, tmp_path: Path
 ) -> None:
     key = bare_api.key("serving-team")
-    deployment = _deployment(bare_api, key, metrics_source)
+    deployment = _deployment(bare_api, key, daemon, tiny_model)
     _finetune_with_loss(bare_api, key)
     stop = threading.Event()
 
     def traffic() -> None:
-        i = 0
-        while not stop.wait(0.2):
-            i += 1
-            metrics_source.serve(4 + i % 5, ttft_s=0.04 + 0.01 * (i % 4), tpot_s=0.012, seed=i)
-            metrics_source.load(running=2 + i % 3, waiting=i % 2, kv=0.3 + 0.05 * (i % 4))
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            i = 0
+            while not stop.wait(0.05):
+                i += 1
+                body = {"model": daemon.model, "prompt": f"Count to {i}:", "max_tokens": 4 + i % 8}
+                assert client.post("/v1/completions", json=body).status_code == 200
 
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
@@ -279,11 +272,11 @@ def test_deployment_instances_charts_and_loss(
         log_in(page, bare_api.url, key, "#/deployments")
         card = page.locator(f'article.deployment[data-deployment="{deployment}"]')
         expect(card).to_be_visible()
-        expect(card.locator("tr[data-instance]")).to_have_count(3)
-        expect(card.locator('[data-health="healthy"]')).to_have_count(2)
-        expect(card.locator("tr[data-state=starting]")).to_have_count(1)
-        expect(card.locator("td", has_text="prefill")).to_be_visible()
-        expect(card.locator("svg.timeline circle.event-dot")).to_have_count(7)
+        expect(card.locator("tr[data-instance]")).to_have_count(2)
+        expect(card.locator('[data-health="healthy"]')).to_have_count(1)
+        expect(card.locator("tr[data-state=failed]")).to_have_count(1)
+        expect(card.locator(".badge[data-state=ready]").first).to_be_visible()
+        expect(card.locator("svg.timeline circle.event-dot")).to_have_count(6)
         ttft = page.locator(f'[id="{deployment}-ttft"]')
         expect(ttft.locator("path.line").first).to_be_visible(timeout=15_000)
         page.wait_for_timeout(2500)  # a few more points, for the picture
@@ -298,6 +291,7 @@ def test_deployment_instances_charts_and_loss(
     finally:
         stop.set()
         thread.join()
+    daemon.wait_idle()
 
 
 def test_a_thousand_jobs_stay_usable(bare_api: BareApi, tab: Tab, tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ export const STATES = {
   ready: { color: "#1a7f37", icon: "✓", label: "ready" },
   draining: { color: "#d97706", icon: "↘", label: "draining" },
   stopped: { color: "#8a94a6", icon: "■", label: "stopped" },
+  creating: { color: "#5b7db1", icon: "◔", label: "creating" },
+  degraded: { color: "#d97706", icon: "⚠", label: "degraded" },
+  deleting: { color: "#7c5e8a", icon: "↘", label: "deleting" },
+  deleted: { color: "#8a94a6", icon: "■", label: "deleted" },
 };
 
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);

@@ -5,10 +5,9 @@ Routes (all tenant-scoped by the Bearer key; another tenant's rows are 404):
 jobs with search, counts per state and task progress), ``GET /v1/jobs/{id}/tasks`` (tasks
 with their attempts rebuilt from the audit trail), ``GET /v1/jobs/{id}/tasks/{name}/logs``,
 ``POST /v1/jobs/{id}/retry`` (a new job from the same kind and spec: a finished job's tasks
-keep their history, and the new job gets a fresh DAG), ``GET /ui/api/deployments`` (the
-tenant's instances grouped by deployment, in the serving API's shape, used while
-``/v1/deployments`` is not installed) and
-``GET /v1/deployments/{id}/metrics`` (the sampler's history, ``metrics_history``).
+keep their history, and the new job gets a fresh DAG), ``GET /ui/api/deployments/{id}/events``
+(a deployment's scaling history) and ``GET /v1/deployments/{id}/metrics`` (the sampler's
+history, ``metrics_history``). Deployments themselves come from ``/v1/deployments``.
 
 ``install`` adds them, starts the metrics sampler with the app, and serves ``ui/`` at ``/``
 behind every API route.
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.staticfiles import StaticFiles
@@ -28,9 +27,6 @@ from starlette.types import Scope
 from deepflow import __version__, dag, store
 from deepflow.api.dashboard_schemas import (
     AttemptResponse,
-    DeploymentView,
-    DeploymentViewList,
-    InstanceView,
     JobRow,
     JobSearchResponse,
     MetricsResponse,
@@ -63,12 +59,10 @@ router = APIRouter(tags=["dashboard"])
 def read_session(request: Request, tenant: CurrentTenant) -> SessionInfo:
     """The login check: 200 with the key's tenant, 401 for a bad key."""
     prefect = request.app.state.settings.prefect_api_url
-    paths = {getattr(r, "path", None) for r in request.app.routes}
     return SessionInfo(
         tenant=TenantInfo(id=tenant.id, name=tenant.name),
         version=__version__,
         prefect_ui_url=prefect.removesuffix("/").removesuffix("/api") if prefect else None,
-        deployments_path="/v1/deployments" if "/v1/deployments" in paths else "/ui/api/deployments",
     )
 
 
@@ -160,57 +154,12 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
         return JobResponse.of(store.read_job(session, tenant.id, job.id))
 
 
-@router.get("/ui/api/deployments", response_model=DeploymentViewList)
-def list_deployments(tenant: CurrentTenant, db: DB) -> DeploymentViewList:
-    """The tenant's instances grouped by deployment, newest deployment first."""
-    with db.transaction() as session:
-        groups: dict[str, list[store.Instance]] = {}
-        for row in store.list_instances(session, tenant.id):
-            groups.setdefault(views.deployment_key(row), []).append(row)
-        data = [_deployment(key, rows) for key, rows in groups.items()]
-    data.sort(key=lambda d: d.created_at, reverse=True)
-    return DeploymentViewList(data=data)
-
-
-def _deployment(key: str, rows: list[store.Instance]) -> DeploymentView:
-    states = {str(r.state) for r in rows}
-    live = [r for r in rows if str(r.state) in ("starting", "ready", "draining")]
-    roles = {r.role for r in live or rows}
-    return DeploymentView(
-        id=key,
-        model=rows[-1].model_name,
-        replicas=len(live),
-        resource_class=rows[-1].device.split(":")[0],
-        policy="colocated" if roles <= {"both"} else "disaggregated",
-        state=next(
-            (s for s in ("ready", "starting", "draining", "failed") if s in states), "stopped"
-        ),
-        created_at=rows[0].created_at,
-        job_id=next((r.job_id for r in reversed(rows) if r.job_id), None),
-        instances=[InstanceView.of(r) for r in rows],
-    )
-
-
 @router.get("/ui/api/deployments/{deployment_id}/events", response_model=EventList)
 def list_deployment_events(deployment_id: str, tenant: CurrentTenant, db: DB) -> EventList:
     """The deployment's scaling history (its, its instances' and its serve jobs' events)."""
     with db.transaction() as session:
-        if not _owned(session, tenant.id, deployment_id):
-            raise _no_deployment(deployment_id)
         events = views.deployment_events(session, tenant.id, deployment_id)
         return EventList(data=[EventResponse.of(e) for e in events], has_more=False)
-
-
-def _owned(session: Any, tenant_id: str, deployment_id: str) -> bool:
-    if views.owns_deployment(session, tenant_id, deployment_id):
-        return True
-    return any(
-        views.deployment_key(i) == deployment_id for i in store.list_instances(session, tenant_id)
-    )
-
-
-def _no_deployment(deployment_id: str) -> APIError:
-    return APIError(404, f"no deployment with id {deployment_id!r}", code="deployment_not_found")
 
 
 @router.get("/v1/deployments/{deployment_id}/metrics", response_model=MetricsResponse)
@@ -224,11 +173,11 @@ def read_metrics(
     """TTFT, TPOT, throughput and load over time (newer than unix time ``since``)."""
     history: MetricsHistory = request.app.state.metrics_history
     owner = history.tenant_of(deployment_id)
-    if owner is None:
+    if owner is None:  # no sample yet: a 404 only for what is not the tenant's deployment
         with db.transaction() as session:
-            owner = tenant.id if _owned(session, tenant.id, deployment_id) else None
-    if owner != tenant.id:
-        raise _no_deployment(deployment_id)
+            store.read_deployment(session, tenant.id, deployment_id)
+    elif owner != tenant.id:
+        raise store.NotFound("deployment", deployment_id)
     return MetricsResponse(
         deployment_id=deployment_id,
         interval_s=history.interval_s,
@@ -240,7 +189,7 @@ def scrape_targets(db: store.Database) -> list[Target]:
     """Ready instances with an address, each under its deployment."""
     with db.transaction() as session:
         rows = views.scrape_targets(session)
-        return [Target(r.id, views.deployment_key(r), r.tenant_id, r.address or "") for r in rows]
+        return [Target(r.id, r.deployment_id or "", r.tenant_id, r.address or "") for r in rows]
 
 
 class _UiMount(Mount):

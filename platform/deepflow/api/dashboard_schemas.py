@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from deepflow.api.schemas import TaskResponse
 from deepflow.dag import JobState
-from deepflow.store import Instance, Job, Task
+from deepflow.store import Job, Task
 from deepflow.store.dashboard import Attempt
 from deepflow.store.orm import TaskLog
 
@@ -30,9 +30,6 @@ class SessionInfo(BaseModel):
     tenant: TenantInfo
     version: str
     prefect_ui_url: str | None
-    deployments_path: str
-    """``/v1/deployments`` when the serving API is installed, else the dashboard's own
-    view of serve jobs and their instances."""
 
 
 class JobRow(BaseModel):
@@ -144,59 +141,6 @@ class TaskLogResponse(BaseModel):
 class TaskLogList(BaseModel):
     object: Literal["list"] = "list"
     data: list[TaskLogResponse]
-
-
-class InstanceView(BaseModel):
-    """An instance in the shape of the serving API's contract."""
-
-    id: str
-    address: str | None
-    role: str
-    device: str
-    state: str
-    start_path: str | None
-    running: int
-    waiting: int
-    kv_cache_usage: float
-    heartbeat_at: datetime | None
-    created_at: datetime
-
-    @classmethod
-    def of(cls, row: Instance) -> InstanceView:
-        return cls(
-            id=row.id,
-            address=row.address,
-            role=row.role,
-            device=row.device,
-            state=str(row.state),
-            start_path=getattr(row, "start_path", None),
-            running=row.running,
-            waiting=row.waiting,
-            kv_cache_usage=row.kv_cache_usage,
-            heartbeat_at=row.heartbeat_at,
-            created_at=row.created_at,
-        )
-
-
-class DeploymentView(BaseModel):
-    """Instances grouped by deployment, in the serving API's shape (until
-    ``/v1/deployments`` is installed, the dashboard's own view)."""
-
-    id: str
-    object: Literal["deployment"] = "deployment"
-    model: str
-    replicas: int
-    resource_class: str
-    policy: str
-    state: str
-    created_at: datetime
-    job_id: str | None
-    instances: list[InstanceView]
-
-
-class DeploymentViewList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[DeploymentView]
 
 
 class MetricsResponse(BaseModel):

@@ -1,5 +1,6 @@
 """Reads for the dashboard: a searchable page of jobs with counts, each task's attempts
-(rebuilt from the audit trail), and the instances the metrics sampler scrapes.
+(rebuilt from the audit trail), the instances the metrics sampler scrapes, and a
+deployment's scaling history.
 
 Nothing here writes; every read that takes a tenant filters by it.
 """
@@ -14,8 +15,9 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from deepflow.dag import JobState, TaskState
+from deepflow.store.deployments import deployment_instances, read_deployment
 from deepflow.store.errors import NotFound
-from deepflow.store.orm import Base, Event, Instance, InstanceState, Job, Task
+from deepflow.store.orm import Event, Instance, InstanceState, Job, Task
 
 
 @dataclass(slots=True)
@@ -125,69 +127,27 @@ def task_attempts(session: Session, tenant_id: str, job_id: str) -> dict[str, li
 
 
 def scrape_targets(session: Session) -> list[Instance]:
-    """Every ready instance with an address, of every tenant (the sampler's targets)."""
+    """Every ready instance of a deployment with an address, of every tenant (the metrics
+    sampler's targets)."""
     stmt = select(Instance).where(
-        Instance.state == InstanceState.READY, Instance.address.is_not(None)
+        Instance.state == InstanceState.READY,
+        Instance.address.is_not(None),
+        Instance.deployment_id.is_not(None),
     )
     return list(session.execute(stmt).scalars())
-
-
-def deployment_key(instance: Instance) -> str:
-    """The deployment an instance serves: its ``deployment_id`` where the serving store
-    records one, else the job that launched it, else its model."""
-    return (
-        getattr(instance, "deployment_id", None)
-        or instance.job_id
-        or f"model:{instance.model_name}"
-    )
-
-
-def owns_deployment(session: Session, tenant_id: str, deployment_id: str) -> bool:
-    """Whether the id names a deployment of the tenant: a row of the serving store's
-    ``deployments`` table where there is one, a job, or the key of one of its instances."""
-    table = Base.metadata.tables.get("deployments")
-    if table is not None and "tenant_id" in table.c:
-        row = session.execute(
-            select(table.c.id).where(table.c.id == deployment_id, table.c.tenant_id == tenant_id)
-        ).first()
-        if row is not None:
-            return True
-    job = session.execute(
-        select(Job.id).where(Job.id == deployment_id, Job.tenant_id == tenant_id)
-    ).first()
-    if job is not None:
-        return True
-    if deployment_id.startswith("model:"):
-        model = deployment_id.removeprefix("model:")
-        stmt = select(Instance.id).where(
-            Instance.tenant_id == tenant_id, Instance.model_name == model
-        )
-        return session.execute(stmt.limit(1)).first() is not None
-    return False
 
 
 def deployment_events(
     session: Session, tenant_id: str, deployment_id: str, limit: int = 200
 ) -> list[Event]:
     """A deployment's scaling history, oldest first: its own events, its instances' (created,
-    ready, draining, stopped, failed) and those of the jobs that launched or changed them."""
-    instances = [
-        i
-        for i in session.execute(select(Instance).where(Instance.tenant_id == tenant_id)).scalars()
-        if deployment_key(i) == deployment_id
-    ]
-    job_ids = {i.job_id for i in instances if i.job_id}
-    table = Base.metadata.tables.get("deployments")
-    if table is not None and {"job_id", "tenant_id"} <= set(table.c.keys()):
-        current = session.execute(
-            select(table.c.job_id).where(
-                table.c.id == deployment_id, table.c.tenant_id == tenant_id
-            )
-        ).scalar_one_or_none()
-        if current:
-            job_ids.add(current)
-    if deployment_id.startswith("job_"):
-        job_ids.add(deployment_id)
+    ready, draining, stopped, failed) and those of the serve jobs that launched them or
+    change it now. Raises NotFound for another tenant's deployment."""
+    deployment = read_deployment(session, tenant_id, deployment_id)
+    instances = deployment_instances(session, deployment_id)
+    job_ids = {i.job_id for i in instances if i.job_id} | (
+        {deployment.job_id} if deployment.job_id else set()
+    )
     stmt = (
         select(Event)
         .where(

@@ -26,10 +26,11 @@ function kvBar(value) {
 function instancesTable(instances, now) {
   if (!instances.length) return h("p", { class: "muted" }, "No replica has registered yet.");
   return h("table", { class: "instances" },
-    h("thead", {}, h("tr", {}, ["Instance", "Address", "Role", "Device", "Start path", "Health", "Running", "Waiting", "KV cache", "Heartbeat"]
+    h("thead", {}, h("tr", {}, ["Instance", "Address", "Process", "Role", "Device", "Start path", "Health", "Running", "Waiting", "KV cache", "Heartbeat"]
       .map((c) => h("th", {}, c)))),
     h("tbody", {}, instances.map((i) => h("tr", { "data-instance": i.id, "data-state": i.state },
       h("td", { class: "mono", title: i.id }, shortId(i.id)), h("td", { class: "mono" }, i.address || "—"),
+      h("td", { class: "mono" }, i.pid ? `${i.host || "?"}:${i.pid}` : "—"),
       h("td", {}, i.role), h("td", {}, i.device), h("td", {}, i.start_path || "—"), h("td", {}, health(i, now)),
       h("td", { class: "num" }, i.running), h("td", { class: "num" }, i.waiting), h("td", {}, kvBar(i.kv_cache_usage)),
       h("td", {}, since(i.heartbeat_at, now))))));
@@ -68,7 +69,7 @@ export function deploymentCharts(points, prefix = "") {
 }
 
 export async function listDeployments(ctx) {
-  return (await api(ctx.session.deployments_path.replace(/^\//, ""))).data;
+  return (await api("v1/deployments")).data;
 }
 
 export function mount(main, ctx) {
