@@ -86,3 +86,17 @@ def test_streaming_holds_back_what_may_begin_a_stop_string():
 def test_special_tokens_skipped_or_kept():
     assert feed(detok(), [256]) == [""]
     assert feed(detok(skip_special_tokens=False), [256]) == ["<eos>"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(min_size=1, max_size=30), prompt=st.text(max_size=8))
+def test_deferred_tokens_decode_to_the_same_text(text, prompt):
+    one_by_one, deferred = detok(prompt or "p"), detok(prompt or "p")
+    tokens = [*text.encode(), 0xE2]  # ends inside a character: flush must show it
+    feed(one_by_one, tokens)
+    one_by_one.flush()
+    for token in tokens:
+        deferred.defer(token)
+    assert deferred.text == ""
+    deferred.flush()
+    assert deferred.text == one_by_one.text == text + "\ufffd"

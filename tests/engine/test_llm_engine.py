@@ -85,6 +85,42 @@ def test_step_returns_only_requests_that_produced_tokens(make_fake_engine):
     engine.abort("short")
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_unstreamed_requests_get_one_final_output_equal_to_the_streamed_one(
+    make_fake_engine, async_scheduling
+):
+    engine = make_fake_engine(async_scheduling=async_scheduling)
+    euro = [TOK.token(b"\xe2\x82"), TOK.token(b"\xac")]
+    requests = {
+        "plain": ("hello world", GREEDY),
+        "n2": ("abcd", SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=6)),
+        "eos": ("x", SamplingParams(temperature=0, max_tokens=20, min_tokens=2)),
+        "stop": ("the quick", SamplingParams(temperature=0, max_tokens=12, stop=["c"])),
+        "cut": ("€ ", SamplingParams(temperature=0, max_tokens=1)),  # ends inside a character
+    }
+    script(engine.model_runner, 2, [euro[0], euro[1], FAKE_EOS])
+    results = {}
+    for stream in (True, False):
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(f"{rid}-{stream}", prompt, params, stream=stream)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        if not stream:
+            assert all(o.finished for o in outputs) and len(outputs) == len(requests)
+        final = {o.request_id.rsplit("-", 1)[0]: o for o in outputs if o.finished}
+        results[stream] = {
+            rid: [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs]
+            for rid, o in final.items()
+        }
+        if not stream:
+            for o in final.values():
+                assert all(c.delta_text == c.text and c.delta_token_ids == c.token_ids
+                           for c in o.outputs)  # fmt: skip
+    assert results[False] == results[True]
+    assert results[True]["cut"][0][0] == "\ufffd"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -131,8 +167,11 @@ def test_stop_string_across_tokens_is_cut_exactly(make_fake_engine):
     assert out.text == "za" and streamed[("cut", 0)] == "za"
     assert (out.finish_reason, out.stop_reason) == ("stop", "bc")
     assert out.token_ids == [ord("z"), ab, cd]
-    engine.add_request("keep", "hi", SamplingParams(
-        temperature=0, stop="bc", include_stop_str_in_output=True, max_tokens=10))
+    engine.add_request(
+        "keep",
+        "hi",
+        SamplingParams(temperature=0, stop="bc", include_stop_str_in_output=True, max_tokens=10),
+    )
     final, streamed = run(engine)
     assert final["keep"].outputs[0].text == "zabc" == streamed[("keep", 0)]
 
@@ -150,8 +189,9 @@ def test_eos_stop_tokens_and_ignore_eos(make_fake_engine):
     engine = make_fake_engine()
     script(engine.model_runner, 2, [ord("a"), ord("b"), FAKE_EOS, ord("c"), 7])
     engine.add_request("eos", "hi", SamplingParams(temperature=0, max_tokens=10))
-    engine.add_request("stop_id", "hi", SamplingParams(
-        temperature=0, max_tokens=10, stop_token_ids=[ord("b")]))
+    engine.add_request(
+        "stop_id", "hi", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[ord("b")])
+    )
     engine.add_request("ignore", "hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     engine.add_request("min", "hi", SamplingParams(temperature=0, max_tokens=5, min_tokens=4))
     final, _ = run(engine)
@@ -314,9 +354,9 @@ def test_logprobs_metrics_and_stats(make_fake_engine):
         assert token in entry and 3 <= len(entry) <= 4
         assert sorted(lp.rank for lp in entry.values())[:3] == [1, 2, 3]
         assert entry[token].decoded_token == TOK.decode([token], skip_special_tokens=False)
-    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in
-                                                       zip(out.token_ids, out.logprobs,
-                                                           strict=True)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs, strict=True))
+    )
     assert final["plain"].outputs[0].logprobs is None
     m = final["r"].metrics
     assert m.arrival_time <= m.first_token_time <= m.finished_time
@@ -368,8 +408,9 @@ def test_real_model_greedy_is_the_same_however_it_is_scheduled(
     assert {k: v.outputs[0].token_ids for k, v in final.items()} == reference
     assert engine.get_stats().num_preemptions > 0
     for k, v in final.items():
-        assert streamed[(k, 0)] == v.outputs[0].text == engine.tokenizer.decode(
-            v.outputs[0].token_ids)
+        assert (
+            streamed[(k, 0)] == v.outputs[0].text == engine.tokenizer.decode(v.outputs[0].token_ids)
+        )
 
 
 def test_real_model_copy_on_write_and_prefix_cache(tiny_engine_factory):
@@ -430,18 +471,22 @@ def test_real_model_logits_rows_follow_chunk_order(tiny_engine_factory):
     budget=st.integers(3, 20),
     shared_prefix=st.booleans(),
 )
-def test_random_workloads_end_to_end(make_fake_engine, requests, num_blocks, budget,
-                                     shared_prefix):
+def test_random_workloads_end_to_end(make_fake_engine, requests, num_blocks, budget, shared_prefix):
     """Whatever the mix (n samples, priorities, aborts, preemption, prefix hits), greedy
     outputs equal the unbatched reference and the block accounting stays exact."""
-    engine = make_fake_engine(num_blocks=num_blocks, block_size=2, max_num_batched_tokens=budget,
-                              max_num_seqs=4)
+    engine = make_fake_engine(
+        num_blocks=num_blocks, block_size=2, max_num_batched_tokens=budget, max_num_seqs=4
+    )
     aborts = {}
     for i, (ids, n, max_tokens, priority, abort_at) in enumerate(requests):
         prompt = [5, 6, 7, 8, *ids] if shared_prefix else ids
         prompt = prompt[: num_blocks * 2 - 11]
-        engine.add_request(str(i), prompt, SamplingParams(
-            n=n, temperature=0, max_tokens=max_tokens), priority=priority)
+        engine.add_request(
+            str(i),
+            prompt,
+            SamplingParams(n=n, temperature=0, max_tokens=max_tokens),
+            priority=priority,
+        )
         if abort_at is not None:
             aborts[str(i)] = abort_at
     final, step = {}, 0

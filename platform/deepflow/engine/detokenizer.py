@@ -3,9 +3,11 @@
 Byte-level BPE splits a character over several tokens; decoding a half shows U+FFFD. Decoding
 only the last few tokens (a window starting a little before the new ones, so that spacing rules
 see their left context) and holding text back while it ends in U+FFFD gives each token's text
-exactly once. Stop strings are searched in the text, so they are found across token
-boundaries; while streaming, the last len(longest stop) - 1 characters are held back because
-they may yet turn out to begin a stop string.
+exactly once. A request that reads its text only at the end (LLM.generate) defers its tokens
+and decodes them in one window when it finishes: the same text for any tokenizer whose decoding
+of a window does not depend on where the window is cut. Stop strings are searched in the text,
+so they are found across token boundaries; while streaming, the last len(longest stop) - 1
+characters are held back because they may yet turn out to begin a stop string.
 """
 
 from __future__ import annotations
@@ -36,6 +38,23 @@ class IncrementalDetokenizer:
         self.text = ""
         """All output text so far (cut at a stop string once one is found)."""
         self._emitted = 0
+        self._deferred: list[int] = []
+
+    def defer(self, token_id: int) -> None:
+        """Keep a token for catch_up (nobody reads the text before the sequence ends)."""
+        self._deferred.append(token_id)
+
+    def catch_up(self) -> None:
+        """Decode the deferred tokens as one window (as add_token would one by one)."""
+        if not self._deferred:
+            return
+        self._ids += self._deferred
+        self._deferred = []
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
+            self.text += full[len(prefix) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
 
     def add_token(self, token_id: int) -> str:
         """Append one token; return the text it completed (may be empty)."""
@@ -51,6 +70,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> None:
         """The sequence ended: whatever is held back (an incomplete character) becomes text."""
+        self.catch_up()
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix):

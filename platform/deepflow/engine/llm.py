@@ -43,7 +43,7 @@ class LLM:
         if len(params_list) != count or len(priorities) != count:
             raise ValueError("sampling_params and priority lists must match the prompts")
         groups = [
-            self.engine.make_request(str(next(self._request_ids)), p, sp, pr)
+            self.engine.make_request(str(next(self._request_ids)), p, sp, pr, stream=False)
             for p, sp, pr in zip(prompt_list, params_list, priorities, strict=True)
         ]
         for group in groups:

@@ -20,7 +20,7 @@ from deepflow.engine.detokenizer import IncrementalDetokenizer
 from deepflow.engine.sampler import Logprob, SampledBatch, Sampler, SamplerOutput, to_device
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, Scheduler
-from deepflow.engine.sequence import Sequence, SequenceGroup
+from deepflow.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -140,12 +140,15 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        stream: bool = True,
     ) -> None:
         """Queue a request; lower ``priority`` runs earlier, ties in arrival order. Raises
-        ValueError, before any state changes, for a request that could never run."""
+        ValueError, before any state changes, for a request that could never run. ``stream``:
+        step() returns an output for it after every step that gave it tokens; False: only the
+        final one (its text is then decoded once, at the end, unless stop strings need it)."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} already exists")
-        self.admit(self.make_request(request_id, prompt, params, priority))
+        self.admit(self.make_request(request_id, prompt, params, priority, stream))
 
     def make_request(
         self,
@@ -153,6 +156,7 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        stream: bool = True,
     ) -> SequenceGroup:
         """Tokenise and validate without touching the engine (AsyncLLMEngine calls it from the
         event loop, so that errors reach the caller)."""
@@ -170,7 +174,7 @@ class LLMEngine:
             if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
                 raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
         self._check_fits(ids, params)
-        return SequenceGroup(request_id, text, ids, params, priority, time.time())
+        return SequenceGroup(request_id, text, ids, params, priority, time.time(), stream=stream)
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -217,8 +221,12 @@ class LLMEngine:
                     seq.token_ids.pop()
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+                if not group.stream:  # the text so far is all its final output has
+                    assert seq.detokenizer is not None
+                    seq.detokenizer.catch_up()
+                    seq.detokenizer.take_delta(True)
         group.finished_time = time.time()
-        return self._output(group, {})
+        return self._output(group, {} if group.stream else None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -267,9 +275,7 @@ class LLMEngine:
         if prev is not None and done is not None:
             outputs = self._postprocess(prev.seqs, done, appended=True)
         if self._inflight is not None:
-            for seq in self._inflight.seqs:
-                if not seq.is_finished:
-                    self._append_pending(seq)
+            self._append_pending(self._inflight.seqs)
         return outputs
 
     def _step_sync(self) -> list[RequestOutput]:
@@ -291,14 +297,19 @@ class LLMEngine:
             return logits
         return logits[to_device(rows, logits.device, torch.int64)]
 
-    def _append_pending(self, seq: Sequence) -> None:
-        """Stand the in-flight sample in; a sequence it surely ends is not scheduled again."""
-        seq.append_token(PENDING_TOKEN)
-        max_tokens = seq.params.max_tokens
-        if (
-            max_tokens is not None and seq.num_output_tokens >= max_tokens
-        ) or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finishing.add(seq.seq_id)
+    def _append_pending(self, seqs: list[Sequence]) -> None:
+        """Stand the in-flight samples in; a sequence one surely ends is not scheduled again."""
+        finishing, limit = self.scheduler.finishing, self.max_model_len
+        for seq in seqs:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            tokens = seq.token_ids
+            tokens.append(PENDING_TOKEN)
+            max_tokens = seq.params.max_tokens
+            if (
+                max_tokens is not None and len(tokens) - seq.num_prompt_tokens >= max_tokens
+            ) or len(tokens) >= limit:
+                finishing.add(seq.seq_id)
 
     def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """The logits row of each sequence to sample; a prompt just prefilled for ``n`` samples
@@ -321,41 +332,54 @@ class LLMEngine:
     def _postprocess(
         self, seqs: list[Sequence], sampled: SamplerOutput, appended: bool = False
     ) -> list[RequestOutput]:
-        """Emit the sampled tokens; ``appended``: they already stand in ``seqs`` (async)."""
+        """Emit the sampled tokens; ``appended``: they already stand in ``seqs`` (async). Only
+        streamed requests get an output per step; the others only their final one."""
         now = time.time()
+        requests, finished = self.requests, SequenceStatus.FINISHED
         deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
-        for i, seq in enumerate(seqs):
-            if seq.is_finished:  # aborted, or ended by the step before (async scheduling)
+        ended: dict[str, SequenceGroup] = {}
+        emitted = 0
+        for seq, token, logprob, top in zip(
+            seqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs, strict=True
+        ):
+            if seq.status is finished:  # aborted, or ended by the step before (async)
                 continue
-            token = sampled.token_ids[i]
+            emitted += 1
             if not appended:
-                seq.append_token(token)
-            seq.cumulative_logprob += sampled.logprobs[i]
-            top = sampled.top_logprobs[i]
-            if seq.logprobs is not None and top is not None:
+                seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            if top is not None and seq.logprobs is not None:
                 for tid, lp in top.items():
                     lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
                 seq.logprobs.append(top)
-            text = self._detokenize_and_check(seq, token)
-            group = self.requests[seq.request_id]
+            group = requests[seq.request_id]
+            text = self._detokenize_and_check(seq, token, group.stream)
             if group.first_token_time is None:
                 group.first_token_time = now
                 self.prompt_tokens += len(group.prompt_token_ids)
-            self.generation_tokens += 1
-            deltas.setdefault(seq.request_id, {})[seq.index] = (text, [token])
+            if group.stream:
+                deltas.setdefault(seq.request_id, {})[seq.index] = (text, [token])
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                ended[seq.request_id] = group
+        self.generation_tokens += emitted
         outputs = []
         for request_id, group_deltas in deltas.items():
-            group = self.requests[request_id]
-            if group.is_finished:
+            group = requests[request_id]
+            if request_id in ended and group.is_finished:
                 group.finished_time = now
-                del self.requests[request_id]
+                del requests[request_id]
             outputs.append(self._output(group, group_deltas))
+        for request_id, group in ended.items():
+            if not group.stream and group.is_finished:
+                group.finished_time = now
+                del requests[request_id]
+                outputs.append(self._output(group, None))
         return outputs
 
-    def _detokenize_and_check(self, seq: Sequence, token: int) -> str:
-        """Set finish_reason when the new token ends the sequence; return its text delta."""
+    def _detokenize_and_check(self, seq: Sequence, token: int, stream: bool) -> str:
+        """Set finish_reason when the new token ends the sequence; return its text delta. A
+        sequence nobody reads before it ends (not streamed, no stop strings) defers its text."""
         params, detok = seq.params, seq.detokenizer
         assert detok is not None
         if token in params.stop_token_ids or (
@@ -363,31 +387,41 @@ class LLMEngine:
         ):
             seq.finish_reason = "stop"
             seq.stop_reason = token if token in params.stop_token_ids else None
+        lazy = not stream and not detok.stop_strings
         if seq.finish_reason is None or params.include_stop_str_in_output:
-            new = detok.add_token(token)
-            if seq.finish_reason is None and seq.num_output_tokens >= params.min_tokens:
-                stop = detok.find_stop(len(new))
-                if stop is not None:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
+            if lazy:
+                detok.defer(token)
+            else:
+                new = detok.add_token(token)
+                if seq.finish_reason is None and seq.num_output_tokens >= params.min_tokens:
+                    stop = detok.find_stop(len(new))
+                    if stop is not None:
+                        seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is None and (
             seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
-        if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
+        if seq.finish_reason is None:
+            return "" if lazy else detok.take_delta(False)
+        if not isinstance(seq.stop_reason, str):
             detok.flush()
-        return detok.take_delta(seq.finish_reason is not None)
+        return detok.take_delta(True)
 
     def _attach_detokenizer(self, seq: Sequence) -> None:
         prompt = seq.token_ids[: seq.num_prompt_tokens]
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, seq.params)
 
     def _output(
-        self, group: SequenceGroup, deltas: dict[int, tuple[str, list[int]]]
+        self, group: SequenceGroup, deltas: dict[int, tuple[str, list[int]]] | None
     ) -> RequestOutput:
+        """``deltas`` None: the request's only output, whose deltas are everything."""
         outputs = []
         for seq in group.seqs:
             assert seq.detokenizer is not None
-            delta_text, delta_ids = deltas.get(seq.index, ("", []))
+            if deltas is None:
+                delta_text, delta_ids = seq.detokenizer.emitted_text, seq.output_token_ids
+            else:
+                delta_text, delta_ids = deltas.get(seq.index, ("", []))
             outputs.append(
                 CompletionOutput(
                     seq.index,

@@ -121,6 +121,8 @@ class SequenceGroup:
     priority: int
     arrival_time: float
     seqs: list[Sequence] = field(default_factory=list)
+    stream: bool = True
+    """An output after every step that gave it tokens; False: only the final output."""
     first_token_time: float | None = None
     finished_time: float | None = None
 
