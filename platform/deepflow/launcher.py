@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -273,6 +274,9 @@ def up(
     )
     schema.upgrade(settings.database_url)
     key = ensure_local_key(settings)
+    # SIGTERM stops everything as Ctrl-C does (uvicorn re-raises the signal it handled once
+    # it has shut down; with the default handler the process would die before cleaning up).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     if model:
         print("preparing the quick-start model ...", flush=True)
         quickstart.ensure_model(settings, DEFAULT_TENANT)
@@ -290,6 +294,10 @@ def up(
         stopped = stop_local_instances(get_database(stack.settings.database_url))
         stack.stop()
         print(f"DeepFlow stopped ({stopped} engine instance(s) stopped).", flush=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _serve_api(stack: Stack, key: str, model: bool) -> int:
