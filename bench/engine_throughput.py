@@ -14,6 +14,14 @@ Each is warmed up first (for the compiled row: one whole batch, compilation incl
 timed end to end; tokens/s counts output tokens. Then batch-1 decode latency per token, against
 the memory floor: weight bytes / the HBM bandwidth of a large device-to-device copy measured in
 the same process.
+
+    PYTHONPATH=platform python3 bench/engine_throughput.py --host [--num-requests 256]
+
+`--host` (no accelerator needed): the engine's host work per step alone, the thing that must stay
+below the device's step time. The real scheduler, sampler, detokeniser and output path, and
+the runner's input packing (the decode graphs' `DecodeInputs`, or `prepare` with the kernels'
+metadata), on the tiny test model's tokenizer and vocabulary, with async scheduling on; the model
+itself is not run (zero logits), so what is timed is Python, not arithmetic.
 """
 
 from __future__ import annotations
@@ -183,6 +191,69 @@ def run_hf_cb(model: str, prompts: list[list[int]], new: int, args) -> dict:
     return {"seconds": seconds, "tokens": sum(len(o.generated_tokens) for o in outputs.values())}
 
 
+class HostOnlyRunner:
+    """A ModelRunner's host side: packs each step's inputs as the accelerator path does, runs
+    no model and returns zero logits."""
+
+    supports_pending_tokens = True
+
+    def __init__(self, runner, largest: int) -> None:
+        from deepflow.engine.decode_graphs import DecodeInputs
+
+        self.runner = runner
+        runner.backend = "triton"  # prepare() builds the kernels' metadata too
+        for name in ("block_size", "num_blocks", "max_model_len", "model_config", "device"):
+            setattr(self, name, getattr(runner, name))
+        width = -(-runner.max_model_len // runner.block_size)
+        self.inputs = DecodeInputs(largest, width, runner.block_size, torch.device("cpu"),
+                                   runner.to_device)  # fmt: skip
+        self.logits = torch.zeros(largest, runner.model_config.vocab_size)
+
+    def execute(self, batch, pending=None):
+        chunks = batch.chunks
+        if len(chunks) <= self.inputs.largest and all(c.num_tokens == 1 for c in chunks):
+            self.inputs.fill(chunks, pending, len(chunks))
+        else:
+            self.runner.prepare(chunks, pending)
+        return self.logits[: sum(1 for c in chunks if c.needs_logits)]
+
+
+def host_step_time(args) -> None:
+    """Milliseconds of host work per engine step, best of three runs."""
+    from deepflow.engine import LLM, SamplingParams
+    from deepflow.engine.config import EngineConfig
+    from deepflow.engine.llm_engine import LLMEngine
+    from deepflow.engine.model_runner import ModelRunner
+    from deepflow.engine.testmodel import make_test_model
+
+    torch.set_num_threads(1)
+    n = args.num_requests
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(make_test_model(Path(tmp) / "tiny", "llama", "tiny"))
+        options = dict(model=model, num_kv_blocks=n * 40, max_num_seqs=n, device="cpu",
+                       max_num_batched_tokens=args.max_batched_tokens)  # fmt: skip
+        host = HostOnlyRunner(ModelRunner(EngineConfig(**options)), n)
+        llm = LLM.__new__(LLM)
+        prompts = make_prompts(n, args.prompt_len, 500, args.seed)
+        params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        for label, stream in (("LLM.generate", False), ("streamed (AsyncLLMEngine's way)", True)):
+            best = float("inf")
+            for _ in range(3):
+                config = EngineConfig(**options, enable_prefix_caching=False, async_scheduling=True)
+                engine = llm.engine = LLMEngine(config, model_runner=host)
+                for i, prompt in enumerate(prompts):
+                    engine.add_request(str(i), prompt, params, stream=stream)
+                steps, start = 0, time.perf_counter()
+                while engine.has_unfinished_requests():
+                    engine.step()
+                    steps += 1
+                best = min(best, (time.perf_counter() - start) / steps)
+            print(
+                f"{label}: {n} requests x {args.prompt_len} prompt + {args.output_len} output "
+                f"tokens, {steps} steps: {1000 * best:.2f} ms of host work per step"
+            )
+
+
 def run_one(system: str, args) -> dict:
     from deepflow.engine.model_config import ModelConfig
 
@@ -262,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=400, help="seconds per system")
     parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--host", action="store_true", help="host work per step, on the CPU")
     parser.add_argument("--run-system", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.host:
+        host_step_time(args)
+        return 0
     if args.run_system:
         print("RESULT " + json.dumps(run_one(args.run_system, args)), flush=True)
         return 0

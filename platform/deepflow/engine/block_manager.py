@@ -141,6 +141,12 @@ class BlockManager:
         new = max(0, -(-end // self.block_size) - len(seq.block_table))
         return new + self._shared_write_block(seq)
 
+    def writable_in_place(self, seq: Sequence) -> bool:
+        """The next token's slot is in a block the sequence holds alone: no block to take."""
+        idx = seq.num_computed_tokens // self.block_size
+        table = seq.block_table
+        return idx < len(table) and self.blocks[table[idx]].ref_count == 1
+
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         return self.num_new_blocks(seq, num_tokens) <= self.num_allocatable
 

@@ -3,15 +3,18 @@
 A pure decode step (every chunk one token) of n sequences replays the graph of the smallest
 captured size >= n, its inputs padded: padding rows read token 0 at position 0 with no cached
 context and write their K/V nowhere (slot -1), so they cost a little compute and change nothing.
-The graphs read fixed device buffers: one [4, max] header (token ids, positions, slots, cached
-lengths) and one [max, blocks per sequence] table; a step fills them with one host-to-device
-copy of exactly what it needs and two device copies, then scatters in any tokens the previous
-step sampled on the device. Only the Triton path is captured: the torch reference reads lengths
-back to the host, which a graph cannot.
+The graphs read fixed device buffers (`DecodeInputs`): one [4, max] header (token ids,
+positions, slots, cached lengths) and one [max, blocks per sequence] table. A step sends the
+header in one host-to-device copy; block tables change every block_size tokens, so each running
+sequence keeps a row of a device-side table store, a step sends only the rows that changed and
+gathers the batch's rows into the graph's table on the device. Tokens the previous step sampled
+on the device are scattered in last. Only the Triton path is captured: the torch reference reads
+lengths back to the host, which a graph cannot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +35,78 @@ def batch_ladder(largest: int) -> list[int]:
     return [*sizes, largest]
 
 
+class DecodeInputs:
+    """The device buffers the decode graphs read, and filling them for one step."""
+
+    def __init__(
+        self,
+        largest: int,
+        width: int,
+        block_size: int,
+        device: torch.device,
+        to_device: Callable[[list[int]], torch.Tensor],
+    ) -> None:
+        self.largest, self.block_size, self.to_device = largest, block_size, to_device
+        self.header = torch.zeros(4, largest, dtype=torch.int64, device=device)
+        self.header[2].fill_(-1)  # slots: capture writes nothing
+        self.tables = torch.zeros(largest, width, dtype=torch.int64, device=device)
+        self.store = torch.zeros(largest, width, dtype=torch.int64, device=device)
+        """Row r holds the block table of the sequence self._row_of maps to r."""
+        self._row_of: dict[int, int] = {}
+        self._stored: list[list[int]] = [[] for _ in range(largest)]
+        self._free_rows = list(range(largest - 1, -1, -1))
+
+    def fill(self, chunks: list[ScheduledChunk], pending: PendingTokens | None, size: int) -> None:
+        """Write the step's inputs for `chunks` (at most `size`; the rest is padding)."""
+        bs, n, pad = self.block_size, len(chunks), size - len(chunks)
+        ids, positions, slots, rows = [], [], [], []
+        fill_dst, fill_src, dirty = [], [], []
+        row_of, stored = self._row_of, self._stored
+        if len(row_of) + n > self.largest:  # forget sequences this step does not run
+            running = {c.seq.seq_id for c in chunks}
+            for seq_id in [s for s in row_of if s not in running]:
+                self._free_rows.append(row_of.pop(seq_id))
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            p = seq.num_computed_tokens
+            token = seq.token_ids[p]
+            if token == PENDING_TOKEN:
+                if pending is None:
+                    raise RuntimeError(f"sequence {seq.seq_id} feeds a token not sampled yet")
+                fill_dst.append(i)
+                fill_src.append(pending.rows[seq.seq_id])
+                token = 0
+            table = seq.block_table
+            row = row_of.get(seq.seq_id)
+            if row is None:
+                row = row_of[seq.seq_id] = self._free_rows.pop()
+            if stored[row] != table:
+                stored[row] = list(table)
+                dirty.append(row)
+            ids.append(token)
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            rows.append(row)
+        width = max((len(stored[r]) for r in dirty), default=0)
+        flat = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
+        flat += positions + [0] * pad  # cached positions = the decode's start
+        flat += rows + fill_dst + fill_src + dirty
+        for r in dirty:
+            flat += stored[r] + [0] * (width - len(stored[r]))
+        staged = self.to_device(flat)
+        self.header[:, :size].copy_(staged[: 4 * size].view(4, size))
+        parts = staged[4 * size :].split(
+            [n, len(fill_dst), len(fill_src), len(dirty), len(dirty) * width]
+        )
+        batch_rows, dst, src, dirty_rows, dirty_tables = parts
+        if dirty:
+            self.store[dirty_rows, :width] = dirty_tables.view(len(dirty), width)
+        self.tables[:n] = self.store[batch_rows]
+        if fill_dst:
+            assert pending is not None
+            self.header[0].index_copy_(0, dst, pending.tokens[src])
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, largest: int) -> None:
         self.runner = runner
@@ -39,20 +114,19 @@ class DecodeGraphs:
         self.largest = largest
         device = runner.device.torch_device
         width = -(-runner.max_model_len // runner.block_size)
-        self.header = torch.zeros(4, largest, dtype=torch.int64, device=device)
-        self.header[2].fill_(-1)  # slots: capture writes nothing
-        self.tables = torch.zeros(largest, width, dtype=torch.int64, device=device)
+        self.inputs = DecodeInputs(largest, width, runner.block_size, device, runner.to_device)
         self.rows = torch.arange(largest, device=device)
         self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
 
     def _forward(self, size: int) -> torch.Tensor:
-        ids, positions, slots, cached = (row[:size] for row in self.header)
-        decode = DecodeBatch(self.rows[:size], cached, self.tables[:size], slots)
+        ids, positions, slots, cached = (row[:size] for row in self.inputs.header)
+        tables = self.inputs.tables[:size]
+        decode = DecodeBatch(self.rows[:size], cached, tables, slots)
         meta = AttentionMetadata(
             slot_mapping=slots,
-            block_tables=self.tables[:size],
+            block_tables=tables,
             chunk_starts=[],
             chunk_lens=[1] * size,
             fast=FastMetadata(decode, None, decode_writes=True),
@@ -81,37 +155,7 @@ class DecodeGraphs:
         """float32 logits [chunks that need them, vocab] (a copy: the graph reuses its output)."""
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
-        bs = self.runner.block_size
-        ids, positions, slots, tables = [], [], [], []
-        fill_dst, fill_src = [], []
-        for i, chunk in enumerate(chunks):
-            seq, p = chunk.seq, chunk.start
-            token = seq.token_ids[p]
-            if token == PENDING_TOKEN:
-                if pending is None:
-                    raise RuntimeError(f"sequence {seq.seq_id} feeds a token not sampled yet")
-                fill_dst.append(i)
-                fill_src.append(pending.rows[seq.seq_id])
-                token = 0
-            table = seq.block_table[: p // bs + 1]
-            ids.append(token)
-            positions.append(p)
-            slots.append(table[-1] * bs + p % bs)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        pad = size - n
-        flat = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
-        flat += positions + [0] * pad  # cached positions = the decode's start
-        flat += [b for t in tables for b in t + [0] * (width - len(t))]
-        flat += fill_dst + fill_src
-        staged = self.runner.to_device(flat)
-        self.header[:, :size].copy_(staged[: 4 * size].view(4, size))
-        end = 4 * size + n * width
-        self.tables[:n, :width].copy_(staged[4 * size : end].view(n, width))
-        if fill_dst:
-            assert pending is not None
-            dst, src = staged[end : end + len(fill_dst)], staged[end + len(fill_dst) :]
-            self.header[0].index_copy_(0, dst, pending.tokens[src])
+        self.inputs.fill(chunks, pending, size)
         self.graphs[size].replay()  # type: ignore[attr-defined]
         logits = self.outputs[size][:n]
         if not all(c.needs_logits for c in chunks):

@@ -124,6 +124,10 @@ class Scheduler:
         num_tokens = min(seq.num_uncomputed_tokens, self._budget)
         if num_tokens == 0:
             return
+        if num_tokens == 1 and self.block_manager.writable_in_place(seq):  # most decodes
+            self._chunks[seq.seq_id] = ScheduledChunk(seq, 1)
+            self._budget -= 1
+            return
         if not self.enable_chunked_prefill and num_tokens < seq.num_uncomputed_tokens:
             return
         while not self.block_manager.can_append(seq, num_tokens):
