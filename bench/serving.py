@@ -54,10 +54,10 @@ class Result:
     error: str = ""
 
 
-def start_platform(home: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+def launch(home: Path, port: int) -> subprocess.Popen[str]:
     env = {**os.environ, "DEEPFLOW_HOME": str(home), "DEEPFLOW_PREFECT_PORT": str(free_port())}
     env["DEEPFLOW_RECONCILE_INTERVAL_S"] = "1"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
@@ -65,6 +65,10 @@ def start_platform(home: Path, port: int) -> tuple[subprocess.Popen[str], str]:
         text=True,
         start_new_session=True,
     )
+
+
+def wait_serving(proc: subprocess.Popen[str]) -> str:
+    """Read `up`'s output until the model is served; returns the API key."""
     assert proc.stdout is not None
     key = ""
     deadline = time.monotonic() + 600
@@ -79,7 +83,7 @@ def start_platform(home: Path, port: int) -> tuple[subprocess.Popen[str], str]:
         if time.monotonic() > deadline:
             raise RuntimeError("the platform did not come up")
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
-    return proc, key
+    return key
 
 
 def scale(url: str, key: str, replicas: int) -> list[str]:
@@ -231,8 +235,9 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         print("starting the platform (deepflow up) ...", flush=True)
-        proc, key = start_platform(Path(tmp), port)
+        proc = launch(Path(tmp), port)
         try:
+            key = wait_serving(proc)
             addresses = scale(url, key, args.replicas)
             print(f"  {len(addresses)} ready instance(s): {', '.join(addresses)}", flush=True)
             direct, gateway = asyncio.run(probe_overhead(url, key, addresses[0], args.probe))

@@ -8,7 +8,6 @@ lease in the store (``deepflow.store.tasks``).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 from pathlib import Path
@@ -18,6 +17,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from deepflow.config import Settings
+from deepflow.procutil import die_with_parent
 from workers import prefect_celery
 from workers.constants import (
     FILESYSTEM_POLLING_INTERVAL_S,
@@ -76,15 +76,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 @worker_process_init.connect
 def _die_with_the_worker(**_: Any) -> None:
     """A pool process dies with its parent, so a killed worker leaves no orphan running
-    a task whose lease the reconciler is about to hand to someone else (Linux only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        log.debug("prctl unavailable; pool processes may outlive a killed worker")
+    a task whose lease the reconciler is about to hand to someone else."""
+    die_with_parent(signal.SIGKILL)

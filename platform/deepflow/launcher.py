@@ -29,6 +29,7 @@ from alembic.script import ScriptDirectory
 from deepflow.api import create_app
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
+from deepflow.procutil import die_with_parent
 from deepflow.serving import quickstart
 from deepflow.serving.supervisor import Supervisor, stop_local_instances
 from deepflow.store import (
@@ -90,7 +91,12 @@ class Part:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches `up` alone; it stops the parts in order
+                preexec_fn=_stop_with_parent,  # ... and a killed `up` leaves no orphans
             )
         return self
 
@@ -113,6 +119,10 @@ class Part:
             self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def _stop_with_parent() -> None:
+    die_with_parent(signal.SIGTERM)
 
 
 def wait_healthy(url: str, part: Part | None, timeout_s: float) -> None:

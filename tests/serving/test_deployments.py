@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -163,3 +164,36 @@ def test_scale_in_then_delete_stops_every_daemon(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_model_that_cannot_start_fails_its_deployment_once(
+    serving: Platform, tmp_path: Path
+) -> None:
+    from deepflow.store import (
+        ModelVersionState,
+        ensure_tenant,
+        register_model_version,
+        set_model_version_state,
+    )
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with serving.db.transaction() as s:
+        owner = ensure_tenant(s, "acme")
+        version = register_model_version(s, owner.id, "broken", str(broken))
+        set_model_version_state(s, version.id, ModelVersionState.READY)
+    r = httpx.post(
+        f"{serving.url}/v1/deployments", json={"model": "broken"}, headers=serving.headers()
+    )
+    assert r.status_code == 201, r.text
+    d = wait_deployment(serving, r.json()["id"], "failed")
+    job = serving.wait(d["job_id"])
+    assert job["state"] == "failed"
+    launch = next(t for t in job["tasks"] if t["name"] == "launch_replica_0")
+    assert launch["state"] == "failed" and launch["attempt"] == 3
+    assert "engine daemon exited" in launch["error"]
+    assert {i["state"] for i in d["instances"]} == {"failed"}
+    time.sleep(3)  # the supervisor does not keep relaunching a failed deployment
+    assert deployment(serving, d["id"])["job_id"] == d["job_id"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import httpx
 
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed, register
+from deepflow.procutil import signal_alive, wait_gone
 from deepflow.serving import converge
 from deepflow.store import (
     Deployment,
@@ -35,6 +37,8 @@ from workers.constants import VISIBLE_DEVICES_ENV
 
 LAUNCH_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 15.0
+"""After a drained daemon stops answering, how long it gets to exit before SIGKILL."""
 READY_LINE = re.compile(rb"FlowServe ready on (http://\S+) ")
 LOG_TAIL_CHARS = 2000
 
@@ -180,22 +184,32 @@ def stop_instance(args: dict[str, Any]) -> dict[str, Any]:
         instance = session.get(Instance, instance_id)
         if instance is None:
             raise OperatorFailed(f"instance {instance_id} does not exist")
-        address, state = instance.address, instance.state
+        address, state, host, pid = instance.address, instance.state, instance.host, instance.pid
         if state is InstanceState.READY:
             set_instance_state(session, instance_id, InstanceState.DRAINING)
     if state in (InstanceState.STOPPED, InstanceState.FAILED):
         return {"instance_id": instance_id, "state": str(state)}
     if address:
         converge.drain(address)
+    if pid and host == socket.gethostname() and not wait_gone(pid, EXIT_TIMEOUT_S):
+        signal_alive(pid, signal.SIGKILL)
     with _db().transaction() as session:
         set_instance_state(session, instance_id, InstanceState.STOPPED, reason="scaled in")
     return {"instance_id": instance_id, "state": "stopped"}
 
 
 def update_deployment(args: dict[str, Any]) -> dict[str, Any]:
-    """After the job's launches and stops: the deployment's state from what is live."""
+    """After the job's launches and stops: the deployment's state from what is live. Fails
+    (so the job fails) when fewer replicas are ready than the deployment asks for."""
     with _db().transaction() as session:
-        return converge.settle(session, args["deployment_id"])
+        settled = converge.settle(session, args["deployment_id"])
+    gone = settled["state"] in (str(s) for s in converge.GONE)
+    if not gone and settled["ready"] < settled["replicas"]:
+        raise OperatorFailed(
+            f"{settled['ready']} of {settled['replicas']} replicas are ready "
+            f"(deployment {settled['state']})"
+        )
+    return settled
 
 
 for _op in (

@@ -9,18 +9,20 @@ reconciler runs ``pass_once`` every ``reconcile_interval_s``.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy import select
 
+from deepflow.dag import JobState
 from deepflow.dispatch import Dispatcher
+from deepflow.procutil import signal_alive
 from deepflow.serving.converge import converge, record_load, settle
 from deepflow.store import (
     Database,
@@ -31,11 +33,15 @@ from deepflow.store import (
     Job,
     set_instance_state,
 )
+from deepflow.store.types import utcnow
 
 log = logging.getLogger(__name__)
 
 MISSES_TO_FAIL = 3
 PROBE_TIMEOUT_S = 2.0
+RETRY_AFTER_FAILED_JOB_S = 30.0
+"""A deployment whose last serve job failed is tried again only after this long; a failed
+deployment (nothing ever came up) only when a user scales it."""
 
 
 @dataclass
@@ -82,13 +88,16 @@ class Supervisor:
     def converge_deployments(self) -> None:
         with self.db.transaction() as session:
             rows = session.execute(
-                select(Deployment.id, Job.state)
+                select(Deployment.id, Job.state, Job.finished_at)
                 .outerjoin(Job, Job.id == Deployment.job_id)
-                .where(Deployment.state != DeploymentState.DELETED)
+                .where(Deployment.state.not_in([DeploymentState.DELETED, DeploymentState.FAILED]))
             ).all()
-        for deployment_id, job_state in rows:
+        backoff = utcnow() - timedelta(seconds=RETRY_AFTER_FAILED_JOB_S)
+        for deployment_id, job_state, finished_at in rows:
             if job_state is not None and not job_state.is_terminal:
                 continue  # its serve job settles it when done
+            if job_state is JobState.FAILED and finished_at is not None and finished_at > backoff:
+                continue
             with self.db.transaction() as session:
                 settle(session, deployment_id)
             converge(self.db, self.dispatcher, deployment_id, "supervisor")
@@ -122,29 +131,16 @@ def stop_local_instances(db: Database, grace_s: float = 15.0) -> int:
                 Instance.pid.is_not(None),
             )
         ).all()
-    alive = {pid for _, pid in rows if _signal(pid, signal.SIGTERM)}
+    alive = {pid for _, pid in rows if signal_alive(pid, signal.SIGTERM)}
     deadline = time.monotonic() + grace_s
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = {pid for pid in alive if _signal(pid, 0)}
+        alive = {pid for pid in alive if signal_alive(pid)}
     for pid in alive:
-        _signal(pid, signal.SIGKILL)
+        signal_alive(pid, signal.SIGKILL)
     for instance_id, _ in rows:
         with db.transaction() as session:
             set_instance_state(
                 session, instance_id, InstanceState.STOPPED, reason="the platform stopped"
             )
     return len(rows)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    """Send ``sig``; False when no such process (or only its zombie) is left."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
