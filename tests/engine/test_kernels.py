@@ -181,11 +181,23 @@ ATTENTION_CASES = {
     "prefill over cached prefixes": [(4, 9), (12, 4), (1, 7)],
     "chunked prefill mixed with decodes": [(4, 9), (11, 1), (0, 12), (12, 4), (1, 1)],
     "long chunk, several tiles": [(16, 70), (100, 1), (3, 66)],
+    "long decodes over many splits": [(700, 1), (33, 1), (64, 1), (511, 1), (1, 1)],
 }
+
+
+@pytest.fixture(params=["split", "whole"])
+def decode_path(request, monkeypatch):
+    """Decodes through the split kernel (small batches: flash-decoding) or the one-program-per-
+    (sequence, KV head) kernel (large batches), whatever the test's batch size."""
+    from deepflow.engine.kernels import attention
+
+    monkeypatch.setattr(attention, "SPLIT_BELOW_PROGRAMS", 10**9 if request.param == "split" else 0)
+    return request.param
 
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 @pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.usefixtures("decode_path")
 def test_paged_attention_kernels(case: str, dtype: torch.dtype) -> None:
     run_attention(ATTENTION_CASES[case], 4, heads=8, kv_heads=2, dim=16, dtype=dtype, seed=1)
 
@@ -193,6 +205,7 @@ def test_paged_attention_kernels(case: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block_size"), [(4, 4, 16, 16), (6, 1, 24, 3), (8, 8, 32, 1)]
 )
+@pytest.mark.usefixtures("decode_path")
 def test_paged_attention_kernels_shapes(heads, kv_heads, dim, block_size) -> None:
     chunks = [(0, 17), (block_size * 2, 1), (5, 1), (block_size, block_size + 1)]
     run_attention(chunks, block_size, heads, kv_heads, dim, torch.float32, seed=heads + dim)

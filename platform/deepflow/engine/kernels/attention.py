@@ -10,6 +10,9 @@ the cache first.
   at once (GQA: the cache is read once per group, not once per head). It attends over the
   cached positions, takes the new token's K/V straight from the projection, and (in a pure
   decode step) writes them into their slot in the same pass.
+  A small batch (fewer programs than SPLIT_BELOW_PROGRAMS) would leave most of the device
+  idle, so each (sequence, KV head) is split over DECODE_SPLITS programs that take a slice of
+  the cached positions each (flash-decoding); a second kernel merges their partial softmaxes.
 - prefill: one program per (tile of a chunk's queries, head), flash-style online softmax over
   the cached prefix and the chunk itself, which `store_kv` has written first.
 """
@@ -23,6 +26,9 @@ import triton.language as tl
 from deepflow.engine.layers.attention import PREFILL_TILE, DecodeBatch, PrefillBatch
 
 LOG2E = 1.4426950408889634
+SPLIT_BELOW_PROGRAMS = 128
+"""Decode batches with fewer (sequence, KV head) programs than this split each over the cache."""
+DECODE_SPLITS = 16
 
 
 @triton.jit
@@ -129,6 +135,102 @@ def _decode_kernel(
 
 
 @triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, part_ptr, stats_ptr,
+    rows_ptr, ctx_ptr, tables_ptr, slots_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_tb, qk_scale, n_kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, WRITE: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    cached = tl.load(ctx_ptr + b)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    heads = kvh * GROUP + g
+    qmask = (g < GROUP)[:, None] & dmask[None, :]
+    q = tl.load(
+        q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
+    )
+    k_new = tl.load(k_ptr + row * stride_kt + kvh * stride_kh + d, mask=dmask, other=0.0)
+    v_new = tl.load(v_ptr + row * stride_vt + kvh * stride_vh + d, mask=dmask, other=0.0)
+    # Split 0 is seeded with the new token; the others start empty (max -inf, sum 0).
+    first = (split == 0).to(tl.float32)
+    m_tok = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+    m = tl.where(split == 0, m_tok, float("-inf"))
+    l_sum = tl.full([GROUP_PAD], 1.0, tl.float32) * first
+    acc = (tl.zeros([GROUP_PAD, BLOCK_D], tl.float32) + v_new.to(tl.float32)[None, :]) * first
+    per_split = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, cached)
+    table = tables_ptr + b.to(tl.int64) * stride_tb
+    row_stride = n_kv_heads * head_dim
+    for start in range(lo, hi, BLOCK_N):  # every block holds at least one position < hi
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        block = tl.load(table + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        off = (block * BLOCK_SIZE + n % BLOCK_SIZE) * row_stride + kvh * head_dim
+        kvmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m = m_new
+    part = ((b * n_kv_heads + kvh) * SPLITS + split).to(tl.int64)
+    tl.store(part_ptr + part * GROUP_PAD * BLOCK_D + g[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(stats_ptr + part * 2 * GROUP_PAD + g, m)
+    tl.store(stats_ptr + part * 2 * GROUP_PAD + GROUP_PAD + g, l_sum)
+    if WRITE:
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        if (split == 0) & (slot >= 0):
+            dst = slot * row_stride + kvh * head_dim + d
+            tl.store(kc_ptr + dst, k_new, mask=dmask)
+            tl.store(vc_ptr + dst, v_new, mask=dmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr, stats_ptr, out_ptr, rows_ptr, stride_ot, stride_oh, n_kv_heads, head_dim,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    base = ((b * n_kv_heads + kvh) * SPLITS).to(tl.int64)
+    m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_all = tl.maximum(m_all, tl.load(stats_ptr + (base + s) * 2 * GROUP_PAD + g))
+    l_all = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for s in tl.static_range(SPLITS):
+        stats = stats_ptr + (base + s) * 2 * GROUP_PAD
+        w = tl.exp2(tl.load(stats + g) - m_all)  # an empty split: exp2(-inf) = 0
+        l_all += w * tl.load(stats + GROUP_PAD + g)
+        part = part_ptr + (base + s) * GROUP_PAD * BLOCK_D
+        acc += w[:, None] * tl.load(part + g[:, None] * BLOCK_D + d[None, :])
+    out = acc / l_all[:, None]
+    heads = kvh * GROUP + g
+    mask = (g < GROUP)[:, None] & (d < head_dim)[None, :]
+    tl.store(
+        out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr,
     tile_chunk_ptr, tile_q_ptr, row0_ptr, start_ptr, len_ptr, tables_ptr,
@@ -215,13 +317,46 @@ def decode_attention(
     if count == 0:
         return
     args = _common(q, k_cache, scale)
-    group = args["GROUP"]
-    _decode_kernel[(count, args["n_kv_heads"])](
+    group_pad = max(16, triton.next_power_of_2(args["GROUP"]))
+    kv_heads = args["n_kv_heads"]
+    if count * kv_heads < SPLIT_BELOW_PROGRAMS:
+        _decode_split(q, k, v, k_cache, v_cache, out, batch, write, group_pad, args)
+        return
+    _decode_kernel[(count, kv_heads)](
         q, k, v, k_cache, v_cache, out, batch.rows, batch.cached, batch.tables, batch.slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), batch.tables.stride(0),
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=64, WRITE=write,
-        num_warps=4, **args,
+        GROUP_PAD=group_pad, BLOCK_N=64, WRITE=write, num_warps=4, **args,
+    )  # fmt: skip
+
+
+def _decode_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    batch: DecodeBatch,
+    write: bool,
+    group_pad: int,
+    args: dict,
+) -> None:
+    """Partial softmaxes over DECODE_SPLITS slices of the cache, then their merge into out."""
+    count, kv_heads, block_d = batch.rows.shape[0], args["n_kv_heads"], args["BLOCK_D"]
+    parts = count * kv_heads * DECODE_SPLITS
+    part = torch.empty(parts * group_pad * block_d, dtype=torch.float32, device=q.device)
+    stats = torch.empty(parts * 2 * group_pad, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(count, kv_heads, DECODE_SPLITS)](
+        q, k, v, k_cache, v_cache, part, stats, batch.rows, batch.cached, batch.tables,
+        batch.slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), batch.tables.stride(0), GROUP_PAD=group_pad, BLOCK_N=32,
+        SPLITS=DECODE_SPLITS, WRITE=write, num_warps=4, **args,
+    )  # fmt: skip
+    _decode_merge_kernel[(count, kv_heads)](
+        part, stats, out, batch.rows, out.stride(0), out.stride(1), kv_heads, args["head_dim"],
+        GROUP=args["GROUP"], GROUP_PAD=group_pad, BLOCK_D=block_d, SPLITS=DECODE_SPLITS,
+        num_warps=4,
     )  # fmt: skip
 
 
