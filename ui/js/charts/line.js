@@ -74,4 +74,4 @@ export function lineChart({ id, title, series, format = (v) => String(v), time =
 
 export const ms = (v) => `${(v * 1000).toFixed(v < 0.01 ? 1 : 0)} ms`;
 export const num = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2));
-export const pct = (v) => `${Math.round(v * 100)}%`;
+export const pct = (v) => `${Number((v * 100).toPrecision(2))}%`;
