@@ -7,8 +7,12 @@ time goes.
    engine (Triton kernels, decode graphs, async scheduling) generates; the reference runner
    (torch layers, eager) then scores each prompt + generated text in one teacher-forced pass.
    At every generated position: does the reference's argmax equal the token the fast path
-   chose, and how far apart are the two logit rows (||fast - ref|| / ||ref||)?
-   Pass: >= 99% of positions agree and the relative error is <= 1e-2.
+   chose, and how far apart are the two logit rows? The relative error is
+   ||fast - ref||_F / ||ref||_F over every generated position's whole row of 32,000 logits (the
+   RMS error of a logit over the RMS logit); the worst single row and the median row are shown
+   beside it. Pass: >= 99% of positions agree and the relative error is <= 1e-2. How peaked the
+   model's next-token distributions are (median top-1 probability and top-1 - top-2 logit gap,
+   from the float32 reference) says how easily rounding can flip a choice.
 2. Profile: one eager decode step of the fast path at batch 256 under torch.profiler, kernel
    time by kind, next to the graph replay of the same step.
 """
@@ -71,6 +75,16 @@ def agreement(model: str, count: int, new: int) -> bool:
               (("ref", "bfloat16"), ("fp32", "float32"))}  # fmt: skip
     fast = {i: torch.stack([recorded[i][len(p) - 1 + j] for j in range(len(outputs[i]))])
             for i, p in enumerate(prompts)}  # fmt: skip
+    truth = torch.cat([scored["fp32"][i] for i in range(count)])
+    top2 = truth.topk(2, dim=-1).values
+    top1_prob = torch.softmax(truth, dim=-1).max(dim=-1).values
+    tokens = [t for i in range(count) for t in outputs[i]]
+    print(
+        f"model: median top-1 probability {float(top1_prob.median()):.3f}, median top-1 - top-2 "
+        f"logit gap {float((top2[:, 0] - top2[:, 1]).median()):.3f}; {len(set(tokens))} distinct "
+        f"tokens among {len(tokens)} generated",
+        flush=True,
+    )
     ok = True
     for a, b in (("fast", "ref"), ("fast", "fp32"), ("ref", "fp32")):
         rows = {"fast": fast, **scored}
@@ -82,9 +96,10 @@ def agreement(model: str, count: int, new: int) -> bool:
             chosen = x.argmax(-1)
         agree = float((y.argmax(-1) == chosen).double().mean())
         rel = float((x - y).double().norm() / y.double().norm())
-        worst = float(((x - y).norm(dim=-1) / y.norm(dim=-1)).max())
+        rows_rel = (x - y).norm(dim=-1) / y.norm(dim=-1)
         line = f"{a} vs {b}: greedy tokens agree at {100 * agree:.2f}% of {len(x)} positions; "
-        line += f"logits relative error {rel:.2e} overall, {worst:.2e} worst row"
+        line += f"logits relative error {rel:.2e} overall, {float(rows_rel.median()):.2e} "
+        line += f"median row, {float(rows_rel.max()):.2e} worst row"
         if (a, b) == ("fast", "ref"):
             ok = agree >= 0.99 and rel <= 1e-2
             line += " -> " + ("PASS" if ok else "FAIL")

@@ -7,6 +7,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=platform TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/flowserve-check}
 WHAT=${1:-all}
 PROFILE=${PROFILE:-}  # PROFILE=--no-profile skips the decode-step profile
+SYSTEMS=${SYSTEMS:-flowserve,hf_static,hf_compiled,hf_cb}  # bench rows (engine_throughput.py)
 MODEL=/tmp/flowserve-llama-1b
 mkdir -p "$OUT"
 {
@@ -22,7 +23,8 @@ print('deepflow.engine imports with PYTHONPATH=platform; platform-only modules l
   python3 -c "from deepflow.engine.testmodel import make_test_model; make_test_model('$MODEL', 'llama', '1b')" || exit 1
   echo "built the 1b test model in $((SECONDS - start)) s"
   if [ "$WHAT" != checks ]; then
-    python3 bench/engine_throughput.py --model "$MODEL" --timeout 200 --out "$OUT/bench.json"
+    python3 bench/engine_throughput.py --model "$MODEL" --systems "$SYSTEMS" --timeout 200 \
+      --out "$OUT/bench.json"
   fi
   if [ "$WHAT" != bench ]; then
     timeout 200 python3 bench/device_check.py --model "$MODEL" $PROFILE

@@ -58,9 +58,17 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> str:
         """Append one token; return the text it completed (may be empty)."""
+        prefix_ids, full_ids = self.window(token_id)
+        return self.accept(self._decode(prefix_ids), self._decode(full_ids))
+
+    def window(self, token_id: int) -> tuple[list[int], list[int]]:
+        """add_token in two halves, so that many sequences' windows decode in one call: append
+        the token and return the two windows whose decoded text `accept` takes."""
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+        return self._ids[self._prefix_offset : self._read_offset], self._ids[self._prefix_offset :]
+
+    def accept(self, prefix: str, full: str) -> str:
+        """The text the token of the last window() completed (may be empty)."""
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR):
             return ""
         new = full[len(prefix) :]
@@ -108,3 +116,22 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def decode_windows(
+    tokenizer: Decoder, windows: list[list[int]], skip_special_tokens: list[bool]
+) -> list[str]:
+    """Each window decoded (with its own skip flag), through decode_batch where the tokenizer
+    has one: one call per step instead of two per sequence."""
+    batch = getattr(tokenizer, "decode_batch", None)
+    if batch is None:
+        return [
+            tokenizer.decode(w, skip) for w, skip in zip(windows, skip_special_tokens, strict=True)
+        ]
+    out: list[str] = [""] * len(windows)
+    for flag in (True, False):
+        rows = [i for i, skip in enumerate(skip_special_tokens) if skip is flag]
+        if rows:
+            for i, text in zip(rows, batch([windows[i] for i in rows], flag), strict=True):
+                out[i] = text
+    return out

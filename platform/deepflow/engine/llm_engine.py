@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.detokenizer import IncrementalDetokenizer
+from deepflow.engine.detokenizer import IncrementalDetokenizer, decode_windows
 from deepflow.engine.sampler import Logprob, SampledBatch, Sampler, SamplerOutput, to_device
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, Scheduler
@@ -318,7 +318,7 @@ class LLMEngine:
         rows: list[int] = []
         for row, seq in enumerate(sampling):
             group = [seq]
-            if seq.index == 0 and seq.num_output_tokens == 0 and seq.params.n > 1:
+            if seq.params.n > 1 and seq.index == 0 and seq.num_output_tokens == 0:
                 for index in range(1, seq.params.n):
                     child = seq.fork(next(self._seq_ids), index)
                     self._attach_detokenizer(child)
@@ -336,15 +336,12 @@ class LLMEngine:
         streamed requests get an output per step; the others only their final one."""
         now = time.time()
         requests, finished = self.requests, SequenceStatus.FINISHED
-        deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
-        ended: dict[str, SequenceGroup] = {}
-        emitted = 0
+        live: list[tuple[Sequence, int, SequenceGroup]] = []
         for seq, token, logprob, top in zip(
             seqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs, strict=True
         ):
             if seq.status is finished:  # aborted, or ended by the step before (async)
                 continue
-            emitted += 1
             if not appended:
                 seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
@@ -353,17 +350,30 @@ class LLMEngine:
                     lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
                 seq.logprobs.append(top)
             group = requests[seq.request_id]
-            text = self._detokenize_and_check(seq, token, group.stream)
             if group.first_token_time is None:
                 group.first_token_time = now
                 self.prompt_tokens += len(group.prompt_token_ids)
+            live.append((seq, token, group))
+        self.generation_tokens += len(live)
+        texts = self._detokenize_and_check(live)
+        deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
+        ended: dict[str, SequenceGroup] = {}
+        for (seq, token, group), text in zip(live, texts, strict=True):
             if group.stream:
                 deltas.setdefault(seq.request_id, {})[seq.index] = (text, [token])
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 ended[seq.request_id] = group
-        self.generation_tokens += emitted
-        outputs = []
+        return self._collect(deltas, ended, now)
+
+    def _collect(
+        self,
+        deltas: dict[str, dict[int, tuple[str, list[int]]]],
+        ended: dict[str, SequenceGroup],
+        now: float,
+    ) -> list[RequestOutput]:
+        """Outputs of the streamed requests that got tokens and of the others that finished."""
+        requests, outputs = self.requests, []
         for request_id, group_deltas in deltas.items():
             group = requests[request_id]
             if request_id in ended and group.is_finished:
@@ -377,32 +387,47 @@ class LLMEngine:
                 outputs.append(self._output(group, None))
         return outputs
 
-    def _detokenize_and_check(self, seq: Sequence, token: int, stream: bool) -> str:
-        """Set finish_reason when the new token ends the sequence; return its text delta. A
-        sequence nobody reads before it ends (not streamed, no stop strings) defers its text."""
-        params, detok = seq.params, seq.detokenizer
+    def _detokenize_and_check(self, live: list[tuple[Sequence, int, SequenceGroup]]) -> list[str]:
+        """Set finish_reason where the new token ends its sequence; each one's text delta. A
+        sequence nobody reads before it ends (not streamed, no stop strings) defers its text;
+        the others' windows decode in one batch."""
+        eos = self.eos_token_ids
+        windows: list[list[int]] = []
+        skips: list[bool] = []
+        readers: list[Sequence] = []
+        for seq, token, group in live:
+            params, detok = seq.params, seq.detokenizer
+            assert detok is not None
+            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
+                seq.finish_reason = "stop"
+                seq.stop_reason = token if token in params.stop_token_ids else None
+            if seq.finish_reason is None or params.include_stop_str_in_output:
+                if not group.stream and not detok.stop_strings:
+                    detok.defer(token)
+                else:
+                    windows += detok.window(token)
+                    skips += [detok.skip_special_tokens] * 2
+                    readers.append(seq)
+        decoded = decode_windows(self.tokenizer, windows, skips)
+        for i, seq in enumerate(readers):
+            assert seq.detokenizer is not None
+            new = seq.detokenizer.accept(decoded[2 * i], decoded[2 * i + 1])
+            if seq.finish_reason is None and seq.num_output_tokens >= seq.params.min_tokens:
+                stop = seq.detokenizer.find_stop(len(new))
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+        return [self._take_text(seq, group.stream) for seq, _, group in live]
+
+    def _take_text(self, seq: Sequence, stream: bool) -> str:
+        """Finish at the length limits; the text delta to emit now."""
+        detok = seq.detokenizer
         assert detok is not None
-        if token in params.stop_token_ids or (
-            token in self.eos_token_ids and not params.ignore_eos
-        ):
-            seq.finish_reason = "stop"
-            seq.stop_reason = token if token in params.stop_token_ids else None
-        lazy = not stream and not detok.stop_strings
-        if seq.finish_reason is None or params.include_stop_str_in_output:
-            if lazy:
-                detok.defer(token)
-            else:
-                new = detok.add_token(token)
-                if seq.finish_reason is None and seq.num_output_tokens >= params.min_tokens:
-                    stop = detok.find_stop(len(new))
-                    if stop is not None:
-                        seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is None and (
-            seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len
+            seq.num_output_tokens == seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
         if seq.finish_reason is None:
-            return "" if lazy else detok.take_delta(False)
+            return "" if not stream and not detok.stop_strings else detok.take_delta(False)
         if not isinstance(seq.stop_reason, str):
             detok.flush()
         return detok.take_delta(True)

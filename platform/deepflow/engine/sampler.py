@@ -134,7 +134,7 @@ def _mask_stops_before_min_tokens(
 ) -> None:
     for i, seq in enumerate(seqs):
         params = seq.params
-        if seq.num_output_tokens < params.min_tokens:
+        if params.min_tokens and seq.num_output_tokens < params.min_tokens:
             stops = list(params.stop_token_ids or [])
             if not params.ignore_eos:
                 stops += eos_token_ids

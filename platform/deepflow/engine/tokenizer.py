@@ -99,6 +99,10 @@ class Tokenizer:
         # Ids past the tokenizer's vocab (a padded model vocab) decode to nothing.
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """decode() of each list, in one call."""
+        return self._tok.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
