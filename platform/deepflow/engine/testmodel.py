@@ -45,14 +45,16 @@ class Size:
     shards: int
     dtype: torch.dtype
     std: float | None  # fixed std for weights; None scales by 1/sqrt(fan_in)
+    head_spread: float = 0.0  # log-normal spread of the LM head's row norms (see _random)
 
 
 SIZES = {
     # tiny/small get fan-in scaled weights (see _random); 1b gets the usual 0.02, which keeps
-    # bf16 activations sane through 16 layers.
+    # bf16 activations sane through 16 layers, GPT-2's 1/sqrt(2 * layers) on the projections
+    # into the residual stream, and an LM head whose row norms spread log-normally.
     "tiny": Size(64, 2, 4, 2, 176, 512, 2048, 2, torch.float32, None),
     "small": Size(256, 4, 8, 4, 704, 4096, 2048, 1, torch.float32, None),
-    "1b": Size(2048, 16, 32, 8, 8192, 32000, 4096, 4, torch.bfloat16, 0.02),
+    "1b": Size(2048, 16, 32, 8, 8192, 32000, 4096, 4, torch.bfloat16, 0.02, head_spread=0.7),
 }
 
 LLAMA_TEMPLATE = (
@@ -184,6 +186,14 @@ def _random(name: str, shape: tuple[int, ...], size: Size, tied: bool, seed: int
     if name.endswith("norm.weight"):
         return 1.0 + (0.0 if size.std is not None else 0.1) * noise
     if size.std is not None:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return noise * size.std / math.sqrt(2 * size.layers)
+        if name == "lm_head.weight" and size.head_spread:
+            # With equal row norms every one of the 32,000 logits is alike (a flat distribution,
+            # median top-1 probability 0.001) and rounding flips near-ties; spread norms give a
+            # trained model's peaked next-token distributions, the choice still set by context.
+            spread = torch.exp(size.head_spread * torch.randn(shape[0], 1, generator=gen))
+            return noise * size.std * spread
         return noise * size.std
     if name.endswith(".bias"):
         return noise * 0.1
