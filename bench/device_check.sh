@@ -23,7 +23,7 @@ print('deepflow.engine imports with PYTHONPATH=platform; platform-only modules l
   python3 -c "from deepflow.engine.testmodel import make_test_model; make_test_model('$MODEL', 'llama', '1b')" || exit 1
   echo "built the 1b test model in $((SECONDS - start)) s"
   if [ "$WHAT" != checks ]; then
-    python3 bench/engine_throughput.py --model "$MODEL" --systems "$SYSTEMS" --timeout 200 \
+    python3 bench/engine_throughput.py --model "$MODEL" --systems "$SYSTEMS" --timeout 200 --profile-host \
       --out "$OUT/bench.json"
   fi
   if [ "$WHAT" != bench ]; then

@@ -89,6 +89,19 @@ def run_flowserve(model: str, prompts: list[list[int]], new: int, args) -> dict:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {"seconds": seconds, "tokens": tokens}
+    if args.profile_host:  # the same batch again under cProfile: where the host's time goes
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        result["host_profile"] = text.getvalue()
     result.update(batch1_latency(llm, prompts[0], new))
     return result
 
@@ -278,6 +291,7 @@ def spawn(system: str, args, timeout: float) -> dict:
         "max_batched_tokens",
     ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    cmd += ["--profile-host"] if args.profile_host else []
     print(f"--- {SYSTEMS[system]}", flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -334,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=400, help="seconds per system")
     parser.add_argument("--out", help="write the results here as JSON")
     parser.add_argument("--host", action="store_true", help="host work per step, on the CPU")
+    parser.add_argument(
+        "--profile-host", action="store_true", help="FlowServe: cProfile a second, untimed batch"
+    )
     parser.add_argument("--run-system", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.host:
@@ -354,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             results[system] = spawn(system, args, args.timeout)
             print(json.dumps(results[system]), flush=True)
     print_table(results, args)
+    if "host_profile" in results.get("flowserve", {}):
+        print(
+            "\nFlowServe's host, one more batch under cProfile:\n"
+            + results["flowserve"]["host_profile"]
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
