@@ -129,7 +129,7 @@ def teacher_forced(model: str, prompts, outputs, dtype: str) -> dict[int, torch.
 
 
 KINDS = [
-    ("attention", ("_decode_kernel", "_prefill_kernel", "_store_kv")),
+    ("attention", ("_decode_", "_prefill_kernel", "_store_kv")),
     ("rmsnorm+residual", ("_rms_norm",)),
     ("rope", ("_rotary",)),
     ("silu*mul", ("_silu_and_mul",)),
