@@ -398,9 +398,10 @@ class LLMEngine:
         for seq, token, group in live:
             params, detok = seq.params, seq.detokenizer
             assert detok is not None
-            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
+            stop_ids = params.stop_token_ids or ()
+            if token in stop_ids or (token in eos and not params.ignore_eos):
                 seq.finish_reason = "stop"
-                seq.stop_reason = token if token in params.stop_token_ids else None
+                seq.stop_reason = token if token in stop_ids else None
             if seq.finish_reason is None or params.include_stop_str_in_output:
                 if not group.stream and not detok.stop_strings:
                     detok.defer(token)
