@@ -62,6 +62,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.timeout(600)
 def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """The Quick start's first command: everything on the embedded defaults (SQLite, the
     filesystem broker, a Prefect server of its own), then a dag job to succeeded, and the
@@ -115,6 +116,7 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         deadline = time.monotonic() + 240
         while not lines[-1].startswith("Serving tiny-llama"):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            assert not lines[-1].startswith("!!"), "".join(lines)
             lines.append(proc.stdout.readline())
         curl, client = proc.stdout.readline().strip(), proc.stdout.readline().strip()
         answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import Response
 from fastapi.responses import StreamingResponse
@@ -142,7 +143,10 @@ async def _relay(
             endpoint.down_until = time.monotonic() + DOWN_FOR_S
             yield _error_event(f"the model instance stopped mid-stream: {type(exc).__name__}")
     finally:
-        await upstream.aclose()
+        # A client disconnect arrives as a cancellation, and in a cancelled scope every await
+        # is cancelled again at once: shield the close, or the instance never hears of it.
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
         _release(endpoint, cost)
 
 
