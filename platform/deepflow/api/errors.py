@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepflow.dag import DagError
-from deepflow.dag.errors import format_loc
+from deepflow.openai_errors import error_response, format_loc
 from deepflow.store import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
-_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+__all__ = ["APIError", "error_response", "install"]
 
 
 class APIError(Exception):
@@ -33,15 +33,6 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:

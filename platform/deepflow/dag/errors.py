@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from deepflow.openai_errors import format_loc
+
+__all__ = ["DagError", "format_loc"]
+
 
 class DagError(ValueError):
     """A job spec that cannot become a DAG. ``param`` points at the offending field."""
@@ -11,14 +15,3 @@ class DagError(ValueError):
         self.message = message
         self.param = param
         self.code = code
-
-
-def format_loc(loc: tuple[int | str, ...] | list[int | str]) -> str:
-    """Render a validation location as a parameter path: ``spec.tasks[0].name``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out

@@ -2,23 +2,24 @@
 status the official client maps to its own exception classes (400 BadRequestError, 404
 NotFoundError, 429 RateLimitError, 5xx InternalServerError).
 
-deepflow.api.errors renders the same shape but imports the store (SQLAlchemy) and the DAG
-package; the daemon runs with the engine and the web packages alone, so it keeps this copy.
+The shape itself is ``deepflow.openai_errors`` (Starlette only), shared with the platform's
+API; here are the daemon's exception and its validation messages.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepflow.openai_errors import error_body, error_response, format_loc
+
 log = logging.getLogger(__name__)
 
-_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error"}
+__all__ = ["OpenAIError", "bad_request", "error_body", "error_response", "install_error_handlers"]
 
 
 class OpenAIError(Exception):
@@ -36,27 +37,6 @@ class OpenAIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-
-def format_loc(loc: tuple[int | str, ...] | list[int | str]) -> str:
-    """``("messages", 0, "role")`` -> ``messages[0].role``, as OpenAI names a parameter."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _is_union_member(part: int | str) -> bool:

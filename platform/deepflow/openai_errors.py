@@ -1,0 +1,47 @@
+"""OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, for every HTTP
+server of ours: the platform API and gateway, and the FlowServe daemon. It imports nothing of
+ours and Starlette only when it builds a response, so the DAG layer, the store-free daemon and
+the API can all use it.
+
+``type`` follows the status the way OpenAI's client maps statuses to exception classes (400
+BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx
+InternalServerError); ``param`` names the offending field as OpenAI does (``messages[0].role``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
+
+TYPES = {
+    401: "authentication_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    from starlette.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def format_loc(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """A validation location as a parameter path: ``("spec", "tasks", 0, "name")`` ->
+    ``spec.tasks[0].name``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
