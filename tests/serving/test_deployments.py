@@ -128,7 +128,7 @@ def test_killed_instance_is_replaced(serving: Platform, deployed: dict[str, Any]
     states = {i["id"]: i["state"] for i in d["instances"]}
     assert states[victim["id"]] == "failed"
     assert d["job_id"] != deployed["job_id"]  # a new serve job launched the replacement
-    assert serving.job(d["job_id"])["state"] == "succeeded"
+    assert serving.wait(d["job_id"])["state"] == "succeeded"
 
 
 def _state(serving: Platform, deployment_id: str, instance_id: str) -> str:

@@ -13,14 +13,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx
 from fastapi import Response
-from fastapi.responses import StreamingResponse
 
 from deepflow.api.errors import APIError, error_response
 from deepflow.gateway.policies import Endpoint
 from deepflow.gateway.table import Route
+from deepflow.streaming import ClosingStreamingResponse
 
 ATTEMPTS = 3
 DOWN_FOR_S = 5.0
@@ -91,8 +90,16 @@ class Proxy:
                     continue
                 endpoint.remember(hashes)
                 handed_over = True
-                return StreamingResponse(
-                    _relay(first, chunks, upstream, endpoint, cost),
+
+                async def close(
+                    upstream: httpx.Response = upstream, e: Endpoint = endpoint
+                ) -> None:
+                    await upstream.aclose()  # the instance sees its client go and aborts
+                    _release(e, cost)
+
+                return ClosingStreamingResponse(
+                    _relay(first, chunks, endpoint),
+                    close,
                     status_code=upstream.status_code,
                     media_type=upstream.headers.get("content-type", "text/event-stream"),
                 )
@@ -126,28 +133,16 @@ def _release(endpoint: Endpoint, cost: int) -> None:
 
 
 async def _relay(
-    first: bytes,
-    chunks: AsyncIterator[bytes],
-    upstream: httpx.Response,
-    endpoint: Endpoint,
-    cost: int,
+    first: bytes, chunks: AsyncIterator[bytes], endpoint: Endpoint
 ) -> AsyncIterator[bytes]:
-    """Pass chunks through as they arrive; closing (a client disconnect) closes upstream,
-    which makes the daemon abort the request."""
+    """Pass chunks through as they arrive (the response closes upstream when it ends)."""
+    yield first
     try:
-        yield first
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except httpx.TransportError as exc:
-            endpoint.down_until = time.monotonic() + DOWN_FOR_S
-            yield _error_event(f"the model instance stopped mid-stream: {type(exc).__name__}")
-    finally:
-        # A client disconnect arrives as a cancellation, and in a cancelled scope every await
-        # is cancelled again at once: shield the close, or the instance never hears of it.
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
-        _release(endpoint, cost)
+        async for chunk in chunks:
+            yield chunk
+    except httpx.TransportError as exc:
+        endpoint.down_until = time.monotonic() + DOWN_FOR_S
+        yield _error_event(f"the model instance stopped mid-stream: {type(exc).__name__}")
 
 
 def _error_event(message: str) -> bytes:

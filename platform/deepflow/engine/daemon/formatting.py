@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import anyio
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
 from deepflow.engine.daemon.errors import error_body
 from deepflow.engine.daemon.serving import Admitted
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
 from deepflow.engine.sampler import Logprob
+from deepflow.streaming import ClosingStreamingResponse
 
 # JSON has no -inf; a token the model rules out gets vLLM's floor instead.
 _MIN_LOGPROB = -9999.0
@@ -75,29 +72,15 @@ class ChoiceState:
         self.text_offset = 0
 
 
-class EngineStreamResponse(StreamingResponse):
+class EngineStreamResponse(ClosingStreamingResponse):
     """An SSE response that closes its Admitted streams however it ends: finished, client
-    gone mid-stream, or client gone before the body began. It always listens for the
-    disconnect itself (starlette stops doing so for ASGI servers of spec 2.4 and later,
-    where a stream to a gone client would otherwise run to its end)."""
+    gone mid-stream, or client gone before the body began."""
 
     def __init__(self, content: Any, admitted: Admitted) -> None:
         super().__init__(
-            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            content,
+            admitted.aclose,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
         self.admitted = admitted
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-
-                async def stream() -> None:
-                    await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.admitted.aclose()

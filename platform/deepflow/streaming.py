@@ -1,0 +1,39 @@
+"""A streaming response that notices a client going away, for our SSE streams (the FlowServe
+daemon's and the gateway's relay of them)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Streams until the body ends or the client disconnects, then awaits ``on_close``.
+
+    It listens for the disconnect itself: Starlette stops doing so for ASGI servers of spec
+    2.4 and later (uvicorn's), where a stream to a gone client would run to its end. The
+    close is shielded, because a disconnect arrives as a cancellation and in a cancelled scope
+    every await would be cancelled again at once."""
+
+    def __init__(self, content: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.on_close()
