@@ -132,7 +132,7 @@ def test_200_streams_and_20_disconnects(serving: Platform, deployed: dict[str, A
     assert delta[("flowserve:request_success_total", finished)] == 200 + (20 - aborted)
     assert delta[("flowserve:time_to_first_token_seconds_count", "")] == 220
     generated = delta[("flowserve:generation_tokens_total", "")]
-    assert 200 * 8 + 20 * 2 <= generated < 200 * 8 + 20 * 1500
+    assert 200 * 8 + 20 * 2 <= generated <= 200 * 8 + 20 * 1500
     per_instance = [scrape(i["address"]) for i in deployed["instances"]]
     assert all(m[("flowserve:request_success_total", finished)] > 0 for m in per_instance)
 
