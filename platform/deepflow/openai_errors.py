@@ -22,6 +22,19 @@ TYPES = {
 }
 
 
+class OpenAIError(Exception):
+    """Raised anywhere below a route; rendered as the error body with ``status``."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -67,27 +67,40 @@ def test_openai_client_through_the_gateway(deployed: dict[str, Any], client: ope
     )
     assert len(chat.choices) == 2 and chat.usage is not None
     assert chat.usage.completion_tokens == 8
+    messages = [{"role": "user", "content": "Stream please"}]
     stream = client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": "Stream please"}],
+        messages=messages,  # type: ignore[arg-type]
         max_tokens=6,
+        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
         extra_body=always,
     )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    greedy = client.completions.create(
-        model=MODEL, prompt="abc", max_tokens=12, temperature=0, extra_body=always
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        extra_body=always,  # type: ignore[arg-type]
     )
-    stop = greedy.choices[0].text[3:6]
-    if stop.strip():
-        stopped = client.completions.create(
-            model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop], extra_body=always
+    assert streamed == whole.choices[0].message.content
+    greedy = (
+        client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=12, temperature=0, extra_body=always
         )
-        assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
-    assert isinstance(text, str)
+        .choices[0]
+        .text
+    )
+    stop = next(greedy[i : i + 2] for i in range(3, len(greedy) - 1) if greedy[i : i + 2].strip())
+    stopped = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop], extra_body=always
+    ).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == greedy[: greedy.index(stop)]
 
 
 def test_gateway_errors_are_the_clients_own_exceptions(

@@ -16,23 +16,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepflow.dag import DagError
+from deepflow.openai_errors import OpenAIError as APIError
 from deepflow.openai_errors import error_response, format_loc
 from deepflow.store import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
 __all__ = ["APIError", "error_response", "install"]
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:

@@ -25,6 +25,7 @@ from deepflow.dag.operators import Operator, OperatorFailed, register
 from deepflow.procutil import signal_alive, wait_gone
 from deepflow.serving import converge
 from deepflow.store import (
+    Database,
     Deployment,
     Instance,
     InstanceState,
@@ -43,7 +44,7 @@ READY_LINE = re.compile(rb"FlowServe ready on (http://\S+) ")
 LOG_TAIL_CHARS = 2000
 
 
-def _db() -> Any:
+def _db() -> Database:
     return get_database(Settings.from_env().database_url)
 
 
@@ -98,7 +99,7 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
     deployment = _deployment(args["deployment_id"])
     if deployment.state in converge.GONE:
         raise OperatorFailed(f"deployment {deployment.id} is {deployment.state}")
-    db = get_database(settings.database_url)
+    db = _db()
     with db.transaction() as session:
         instance = create_instance(
             session,

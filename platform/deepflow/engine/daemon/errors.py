@@ -15,24 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deepflow.openai_errors import error_body, error_response, format_loc
+from deepflow.openai_errors import OpenAIError, error_body, error_response, format_loc
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OpenAIError", "bad_request", "error_body", "error_response", "install_error_handlers"]
-
-
-class OpenAIError(Exception):
-    """Raised anywhere below a route; rendered as the error body with ``status``."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> OpenAIError:
