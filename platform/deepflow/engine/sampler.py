@@ -87,6 +87,11 @@ class Sampler:
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]
     ) -> SampledBatch:
         logits = logits.float()
+        if _fused_greedy(logits, seqs):
+            from deepflow.engine.kernels.sampling import greedy
+
+            tokens, chosen = greedy(logits)
+            return SampledBatch(tokens, chosen, None, [None] * len(seqs))
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
@@ -127,6 +132,39 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+def _fused_greedy(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+    """Whether the one-pass Triton kernel (kernels/sampling.py) gives this batch's samples:
+    on CUDA, every row plain greedy (no logprobs, penalties or min_tokens still masking)."""
+    if logits.device.type != "cuda" or not _triton_available():
+        return False
+    for seq in seqs:
+        p = seq.params
+        if (
+            not p.greedy
+            or p.logprobs is not None
+            or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
+            or p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+        ):
+            return False
+    return True
+
+
+_TRITON: list[bool] = []
+
+
+def _triton_available() -> bool:
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON.append(False)
+        else:
+            _TRITON.append(True)
+    return _TRITON[0]
 
 
 def _mask_stops_before_min_tokens(

@@ -93,18 +93,23 @@ def build_fast_metadata(
     prefills = [i for i, n in enumerate(chunk_lens) if n > 1]
     offsets = list(itertools.accumulate(chunk_lens, initial=0))
     flat: list[int] = []
+    starts: list[int] = []
     sizes: list[int] = []
 
     def put(values: list[int]) -> None:
-        flat.extend(values)
+        # Every part starts 16-byte aligned and table widths are multiples of 16: Triton
+        # specialises kernels on both, so a batch of another shape would compile anew.
+        starts.append(len(flat))
         sizes.append(len(values))
+        flat.extend(values)
+        flat.extend([0] * (len(values) % 2))
 
-    dec_width = max((len(tables[i]) for i in decodes), default=1)
+    dec_width = _round16(max((len(tables[i]) for i in decodes), default=1))
     put([offsets[i] for i in decodes])
     put([chunk_starts[i] for i in decodes])
     put([slots[offsets[i]] for i in decodes])
     put([b for i in decodes for b in _padded(tables[i], dec_width)])
-    pre_width = max((len(tables[i]) for i in prefills), default=1)
+    pre_width = _round16(max((len(tables[i]) for i in prefills), default=1))
     tile_chunk = [c for c, i in enumerate(prefills) for _ in range(0, chunk_lens[i], PREFILL_TILE)]
     put(tile_chunk)
     put([q for i in prefills for q in range(0, chunk_lens[i], PREFILL_TILE)])
@@ -112,7 +117,8 @@ def build_fast_metadata(
     put([chunk_starts[i] for i in prefills])
     put([chunk_lens[i] for i in prefills])
     put([b for i in prefills for b in _padded(tables[i], pre_width)])
-    parts = to_device(torch.tensor(flat, dtype=torch.int64)).split(sizes)
+    staged = to_device(torch.tensor(flat, dtype=torch.int64))
+    parts = [staged[start : start + size] for start, size in zip(starts, sizes, strict=True)]
     decode = prefill = None
     if decodes:
         decode = DecodeBatch(parts[0], parts[1], parts[3].view(len(decodes), dec_width), parts[2])
@@ -121,6 +127,10 @@ def build_fast_metadata(
             *parts[4:9], parts[9].view(len(prefills), pre_width), num_tiles=len(tile_chunk)
         )
     return FastMetadata(decode, prefill, decode_writes=not prefills)
+
+
+def _round16(width: int) -> int:
+    return -(-width // 16) * 16
 
 
 def _padded(table: list[int], width: int) -> list[int]:

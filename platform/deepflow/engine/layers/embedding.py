@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepflow.engine.layers.linear import linear
 from deepflow.engine.loader import Target
 from deepflow.engine.parallel.group import Split, TPGroup
 
@@ -67,7 +68,7 @@ class LMHead(nn.Module):
             self.weight = _vocab_weight(self.vocab, rows, hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)  # the Triton GEMV for a few rows
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[..., : self.vocab.total]

@@ -5,6 +5,10 @@ gate/up) run as one matmul.
 and `parts` says where each part sits in the fused weight, so the loader can stream every
 checkpoint tensor's shard straight into its slice. `RowParallelLinear` keeps this rank's input
 columns and sums the partial products over ranks. With one rank both are ordinary linears.
+
+Under the Triton backend a product of a few rows (a small decode batch) runs the GEMV kernel of
+deepflow.engine.kernels.gemv instead of the library GEMM: such steps only stream the weights,
+and the kernel reads them closer to the memory's rate. F.linear stays the reference.
 """
 
 from __future__ import annotations
@@ -13,8 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepflow.engine import kernels
 from deepflow.engine.loader import Target
 from deepflow.engine.parallel.group import Split, TPGroup
+
+USE_GEMV = True
+"""Switch for the GEMV kernel (benchmarks compare it with the library GEMM)."""
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the Triton GEMV for a few rows under the Triton backend."""
+    if USE_GEMV and x.dim() == 2 and x.shape[0] <= 2 and kernels.triton_active():
+        from deepflow.engine.kernels import gemv
+
+        if gemv.supports(x, weight):
+            return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -26,7 +44,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
@@ -77,8 +95,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
