@@ -19,6 +19,7 @@ from flows.batch import batch_job
 from flows.dag import dag_job
 from flows.finetune import finetune_job
 from flows.serve import serve_job
+from flows.wakeup import submit_when_scheduled
 from flows.warm_pool import WarmPool, install
 
 FLOWS: dict[str, Flow[..., Any]] = {
@@ -36,6 +37,7 @@ def serve_all(limit: int | None = None, warm: int = 1) -> None:
     ``Runner.add_flow``, not ``serve(*deployments)``: a runner given only deployments starts
     each flow run as ``python -m prefect.engine``, which loads the flow from "storage" again;
     given the flow object, it starts the run directly, which ``warm_pool`` speeds up further.
+    New flow runs start when Prefect announces them (``flows.wakeup``), not at the next poll.
     """
     pool = WarmPool(warm)
     if warm:
@@ -51,4 +53,8 @@ async def _serve(limit: int | None) -> None:
     runner = Runner(limit=limit)
     for flow in FLOWS.values():
         await runner.aadd_flow(flow, name=DEPLOYMENT)
-    await runner.start()
+    wakeup = asyncio.create_task(submit_when_scheduled(runner))
+    try:
+        await runner.start()
+    finally:
+        wakeup.cancel()

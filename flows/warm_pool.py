@@ -1,13 +1,16 @@
 """Warm flow-run processes: each job's flow run starts in a process that has already imported
-Prefect, our flows, the store and Celery.
+Prefect, our flows, the store and Celery, and connected to the database and the broker.
 
 Prefect's runner starts every flow run of a served flow in a fresh spawned process
 (``run_flow_in_subprocess``), which spends most of its first two seconds importing. Here
-``size`` processes are spawned ahead of time; each imports everything, then waits on a pipe
-for exactly one flow run, runs it the way Prefect's own child does (control channel, settings
-from the environment, engine signal handling) and exits. The runner still gets a real
-``SpawnProcess``, so its cancellation, kill and exit-code handling are unchanged; a
-replacement is spawned in the background as soon as one is taken.
+``size`` processes are made ahead of time, each forked from a fork server that imported
+everything once (``multiprocessing``'s ``forkserver`` context with those modules
+preloaded), so a new one costs a fork and a connection, not seconds of imports competing
+with the jobs already running. Each waits on a pipe for exactly one flow run, runs it the
+way Prefect's own child does (control channel, settings from the environment, engine
+signal handling) and exits: every flow run still has a process of its own. The runner gets
+a real ``multiprocessing`` process, so its cancellation, kill and exit-code handling are
+unchanged; a replacement is made in the background as soon as one is taken.
 
 Prefect's ``DirectSubprocessStarter`` looks ``run_flow_in_subprocess`` up in its module on
 every start ("patch the module to override", its docstring says); ``install`` does that. The
@@ -23,7 +26,7 @@ import multiprocessing.connection
 import os
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from multiprocessing.context import SpawnProcess
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -35,12 +38,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+PRELOAD = ["flows.warm_pool", "flows.deployments", "prefect.flow_engine"]
+"""Imported once by the fork server; every warm process starts with them loaded."""
+
+
 def _child(conn: multiprocessing.connection.Connection) -> None:
-    """A warm process: import everything, then run the one flow run it is handed."""
+    """A warm process: import everything and connect (database, broker), then run the one
+    flow run it is handed."""
     from prefect.flow_engine import run_flow
 
     import flows.deployments  # noqa: F401  (the imports are the point)
+    from flows.jobs import warm_up
 
+    try:
+        warm_up()
+    except Exception:  # the run itself will report what is unreachable
+        log.warning("warming up a flow-run process failed", exc_info=True)
     try:
         payload = conn.recv_bytes()
     except (EOFError, OSError):  # the pool closed, or the runner died
@@ -79,37 +92,38 @@ def _run_like_prefect(
 
 
 class WarmPool:
-    """Keeps ``size`` spawned processes ready; ``start_flow_run`` hands one a flow run."""
+    """Keeps ``size`` warm processes ready; ``start_flow_run`` hands one a flow run."""
 
     def __init__(self, size: int = 1) -> None:
         self.size = size
-        self._ctx = multiprocessing.get_context("spawn")
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(PRELOAD)
         self._lock = threading.Lock()
-        self._idle: list[tuple[SpawnProcess, multiprocessing.connection.Connection]] = []
+        self._idle: list[tuple[BaseProcess, multiprocessing.connection.Connection]] = []
         self._closed = False
 
     def fill(self) -> None:
-        """Spawn processes until ``size`` are idle (they warm up in the background)."""
+        """Make processes until ``size`` are idle (they connect in the background)."""
         with self._lock:
             self._idle = [(p, c) for p, c in self._idle if p.is_alive()]
             while not self._closed and len(self._idle) < self.size:
-                self._idle.append(self._spawn())
+                self._idle.append(self._make())
 
-    def _spawn(self) -> tuple[SpawnProcess, multiprocessing.connection.Connection]:
+    def _make(self) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=_child, args=(theirs,), name="deepflow-flow-run")
         process.start()
         theirs.close()
         return process, ours
 
-    def _take(self) -> tuple[SpawnProcess, multiprocessing.connection.Connection]:
+    def _take(self) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
         with self._lock:
             while self._idle:
                 process, conn = self._idle.pop(0)
                 if process.is_alive():
                     return process, conn
                 conn.close()
-            return self._spawn()  # none warm: a cold one still beats nothing
+            return self._make()  # none idle: a fresh fork still beats nothing
 
     def start_flow_run(
         self,
@@ -117,7 +131,7 @@ class WarmPool:
         flow_run: FlowRun | None = None,
         env: dict[str, str | None] | None = None,
         **_: Any,
-    ) -> SpawnProcess:
+    ) -> BaseProcess:
         """Same contract as Prefect's ``run_flow_in_subprocess``: a started process running
         ``flow_run``."""
         from prefect.context import serialize_context

@@ -69,9 +69,12 @@ class Platform:
 
 
 @contextmanager
-def platform_up(flavour: str, home: Path, workers: int = 2) -> Iterator[Platform]:
+def platform_up(
+    flavour: str, home: Path, workers: int = 2, runner_poll_s: int = 1
+) -> Iterator[Platform]:
     """A platform of real processes: ``embedded`` (SQLite, filesystem broker) or ``redis``
-    (PostgreSQL, Redis)."""
+    (PostgreSQL, Redis). ``runner_poll_s``: how often Prefect's runner looks for flow runs
+    besides being woken by their events."""
     if flavour == "embedded":
         database_url, broker_url = f"sqlite:///{home / 'deepflow.db'}", "filesystem://"
     else:
@@ -91,7 +94,7 @@ def platform_up(flavour: str, home: Path, workers: int = 2) -> Iterator[Platform
     extra_env = {
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": str(runner_poll_s),
         "PREFECT_UI_ENABLED": "false",
     }
     stack = Stack(settings, extra_env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,22 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.integration.conftest import Platform
+from tests.integration.conftest import Platform, platform_up
 
 pytestmark = pytest.mark.timeout(240)
+
+NO_POLL_S = 3600
+"""The runner polls once at its start, then not for an hour: here every job's flow run is
+started because its Scheduled event woke the runner (``flows.wakeup``)."""
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    home = tmp_path_factory.mktemp(f"orchestration-{request.param}")
+    with platform_up(request.param, home, runner_poll_s=NO_POLL_S) as p:
+        yield p
 
 
 def _states(job: dict[str, Any]) -> dict[str, str]:
@@ -207,26 +221,41 @@ def test_killed_worker_loses_no_work_and_attempts_never_overlap(
     assert ("RetryTask", 1) in rules and ("SucceedTask", 2) in rules
 
 
-def _children(pid: int) -> set[int]:
+def _descendants(pid: int) -> set[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    children = {int(p) for p in out.split()}
+    return children.union(*(_descendants(c) for c in children))
 
 
 def test_flow_runs_start_in_a_process_warmed_before_the_job(platform: Platform) -> None:
-    """The runner hands each flow run to a process it spawned (and imported) ahead of time."""
+    """The runner hands each flow run to a process made (forked from its fork server, which
+    imported everything) ahead of time, and makes a replacement."""
     (runner,) = [p for p in platform.stack.parts if p.name == "flow runner"]
     assert runner.proc is not None
     deadline = time.monotonic() + 60
-    while not (before := _children(runner.proc.pid)):
-        assert time.monotonic() < deadline, "the runner spawned no warm process"
+    while not (before := _descendants(runner.proc.pid)):
+        assert time.monotonic() < deadline, "the runner made no warm process"
         time.sleep(0.2)
-    time.sleep(1)  # let a replacement spawned by an earlier test's flow run settle
-    before = _children(runner.proc.pid)
+    time.sleep(1)  # let a replacement made for an earlier test's flow run settle
+    before = _descendants(runner.proc.pid)
     job = platform.wait(platform.post({"tasks": [{"name": "only", "operator": "noop"}]})["id"])
     assert job["state"] == "succeeded", job
     ran_in = re.findall(rf"driving job {job['id']} in process (\d+)", runner.log.read_text())
     assert len(ran_in) == 1 and int(ran_in[0]) in before, (ran_in, before)
     deadline = time.monotonic() + 60
-    while not (_children(runner.proc.pid) - before):
+    while not (_descendants(runner.proc.pid) - before):
         assert time.monotonic() < deadline, "no replacement warm process"
         time.sleep(0.2)
+
+
+def test_flow_runs_start_when_scheduled_not_at_the_next_poll(platform: Platform) -> None:
+    """With the runner's poll an hour apart, a job's flow run still goes from Scheduled to
+    Pending (taken by the runner) within seconds: the Scheduled event woke the runner."""
+    job = platform.wait(platform.post({"tasks": [{"name": "only", "operator": "noop"}]})["id"])
+    assert job["state"] == "succeeded", job
+    with temporary_settings({PREFECT_API_URL: platform.settings.prefect_api_url}):
+        client = get_client(sync_client=True)
+    with client:
+        states = client.read_flow_run_states(job["flow_run_id"])
+    at = {s.type.value: s.timestamp for s in reversed(states)}  # first of each type
+    assert (at["PENDING"] - at["SCHEDULED"]).total_seconds() < 10, at
