@@ -352,9 +352,9 @@ def gemv_bench() -> None:
     copy_bw = 2 * src.numel() * 2 / (sorted(ts)[5] / 1000)
     del src, dst
     print(f"\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s")
-    configs = [(4, 512, 4), (8, 512, 4), (4, 256, 4), (8, 256, 4), (16, 256, 4), (2, 1024, 4),
-               (4, 1024, 4), (8, 512, 8), (16, 512, 8), (4, 2048, 8), (32, 128, 4)]  # fmt: skip
-    for m in (1, 2, 4):
+    configs = [(4, 512, 4), (8, 512, 4), (8, 512, 8), (4, 1024, 8), (8, 1024, 8), (16, 512, 8),
+               (4, 512, 8), (8, 256, 8), (16, 256, 8), (8, 2048, 16), (4, 2048, 8)]  # fmt: skip
+    for m in [int(v) for v in os.environ.get("GEMV_M", "1,2,4").split(",")]:
         print(f"M={m}: us per call (TB/s of weights); cuBLAS | default gemv | configs")
         for name, (n, k) in shapes.items():
             copies = max(2, (400 * 2**20) // (n * k * 2))
@@ -376,6 +376,10 @@ def gemv_bench() -> None:
                     res.append(f"{t:6.1f}({n * k * 2 / t / 1e6:4.2f})")
                 except Exception as e:
                     res.append(f"err {type(e).__name__}")
+            if name == "gate_up":
+                for cfg in [None, *configs]:
+                    t = timeit(lambda x, w, cfg=cfg: g.gemv_silu_and_mul(x, w, config=cfg), x, ws)
+                    res.append(f"|silu {t:6.1f}")
             print(f"  {name:<8} {' '.join(res)}  max rel err {max(errs):.1e}", flush=True)
             del ws
             torch.cuda.empty_cache()

@@ -95,15 +95,16 @@ def test_linear_layer_picks_gemv_only_for_few_rows(monkeypatch) -> None:
     assert calls == [1]  # only the triton backend, only a few rows, asks the kernel
 
 
+@pytest.mark.parametrize("block", [None, 1024])
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 100), (3, 5000), (2, 9000), (4, 4096)])
-def test_greedy_matches_argmax_and_log_softmax(rows, vocab) -> None:
+def test_greedy_matches_argmax_and_log_softmax(rows, vocab, block) -> None:
     g = torch.Generator().manual_seed(rows * vocab)
     # bf16-rounded logits, as a bf16 model gives: ties are common and go to the lower index
     logits = (torch.randn(rows, vocab, generator=g) * 4).to(torch.bfloat16).float()
     top = logits.max(dim=-1).values
     logits[0, vocab // 3] = logits[0, vocab - 1] = top[0] + 1  # a tie across blocks
     logits = logits.to(DEV)
-    tokens, logprobs = greedy(logits)
+    tokens, logprobs = greedy(logits, block)
     ref_tokens = logits.argmax(dim=-1)
     ref = torch.log_softmax(logits, dim=-1).gather(1, ref_tokens[:, None])[:, 0]
     assert torch.equal(tokens, ref_tokens)
@@ -117,3 +118,23 @@ def test_greedy_strided_rows() -> None:
     assert torch.equal(tokens, logits.argmax(dim=-1))
     ref = torch.log_softmax(logits, dim=-1).max(dim=-1).values
     assert torch.allclose(logprobs, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "inter", "k", "bias"), [(1, 40, 100, False), (2, 64, 512, True)])
+def test_gemv_silu_and_mul_matches_two_kernel_path(dtype, m, inter, k, bias) -> None:
+    from deepflow.engine.kernels.gemv import gemv_silu_and_mul
+
+    g = torch.Generator().manual_seed(m + inter + k)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.1).to(dtype).to(DEV)
+    b = torch.randn(2 * inter, generator=g).to(dtype).to(DEV) if bias else None
+    out = gemv_silu_and_mul(x, w, b)
+    gate_up = gemv(x, w, b)  # the unfused path: the same GEMV, then SwiGLU's roundings
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    ref = (F.silu(gate).to(dtype).float() * up).to(dtype)
+    assert out.shape == (m, inter)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    full = F.linear(x.double(), w.double(), None if b is None else b.double())
+    exact = F.silu(full[:, :inter]) * full[:, inter:]
+    assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 2e-2)

@@ -79,10 +79,73 @@ def _gemv_kernel(
         tl.store(y_ptr + 3 * stride_ym + rows, y3, mask=row_ok)
 
 
+@triton.jit
+def _gemv_silu_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, INTER, K, stride_xm, stride_wn, stride_ym,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """y[:, j] = silu(x W[j]^T) * (x W[INTER + j]^T): the gate/up GEMV and SwiGLU in one pass,
+    rounding gate and up to the output dtype first, then silu's result, as the two-kernel path
+    (GEMV, then kernels.elementwise.silu_and_mul) does."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < INTER
+    g_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    u_rows = g_rows + INTER * stride_wn
+    g0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    u0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    g1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    u1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        if EVEN_K:
+            wg = tl.load(g_rows + k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            wu = tl.load(u_rows + k[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + k).to(tl.float32)
+        else:
+            ok = row_ok[:, None] & (k < K)[None, :]
+            wg = tl.load(g_rows + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            wu = tl.load(u_rows + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        g0 += wg * x0[None, :]
+        u0 += wu * x0[None, :]
+        if M > 1:
+            if EVEN_K:
+                x1 = tl.load(x_ptr + stride_xm + k).to(tl.float32)
+            else:
+                x1 = tl.load(x_ptr + stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            g1 += wg * x1[None, :]
+            u1 += wu * x1[None, :]
+    out_ty = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        bg = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        bu = tl.load(b_ptr + INTER + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        bg = tl.zeros((BLOCK_N,), tl.float32)
+        bu = tl.zeros((BLOCK_N,), tl.float32)
+    gate = (tl.sum(g0, axis=1) + bg).to(out_ty).to(tl.float32)
+    up = (tl.sum(u0, axis=1) + bu).to(out_ty).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    tl.store(y_ptr + rows, (act * up).to(out_ty), mask=row_ok)
+    if M > 1:
+        gate = (tl.sum(g1, axis=1) + bg).to(out_ty).to(tl.float32)
+        up = (tl.sum(u1, axis=1) + bu).to(out_ty).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        tl.store(y_ptr + stride_ym + rows, (act * up).to(out_ty), mask=row_ok)
+
+
 def pick_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps). 8 rows x 512 columns per iteration with 8 warps was the
-    best or near it on every decoder shape measured on the H100 at M = 1 and 2 (1.7-2.95 TB/s,
-    cuBLAS 1.3-2.6; bench/engine_profile.py --what gemv)."""
+    """(BLOCK_N, BLOCK_K, num_warps), from timings on the H100 over the decoder's shapes
+    (bench/engine_profile.py --what gemv; 1.7-2.9 TB/s against cuBLAS's 1.3-2.6): 8 rows per
+    program, 8 warps, 1024 columns per iteration for one row of x and 512 for two (whose two
+    accumulators would otherwise crowd the registers)."""
+    return 8, min(triton.next_power_of_2(k), 1024 if m == 1 else 512), 8
+
+
+def pick_silu_config(m: int, inter: int, k: int) -> tuple[int, int, int]:
+    """The fused gate/up kernel holds two tiles (gate and up rows): 512 columns."""
     return 8, min(triton.next_power_of_2(k), 512), 8
 
 
@@ -114,6 +177,28 @@ def gemv(
     block_n, block_k, warps = config or pick_config(m, n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def gemv_silu_and_mul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """silu(gate) * up of [gate | up] = x @ weight^T (+ bias), weight [2 * inter, K], for
+    M <= MAX_ROWS: the MLP's gate/up projection and SwiGLU in one launch."""
+    m, k = x.shape
+    inter = weight.shape[0] // 2
+    assert m <= MAX_ROWS and weight.shape[1] == k and weight.shape[0] == 2 * inter
+    y = torch.empty(m, inter, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config or pick_silu_config(m, inter, k)
+    _gemv_silu_kernel[(triton.cdiv(inter, block_n),)](
+        x, weight, weight if bias is None else bias, y, inter, k,
         x.stride(0), weight.stride(0), y.stride(0),
         M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, num_warps=warps,

@@ -41,14 +41,18 @@ def _greedy_kernel(
     tl.store(logprobs_ptr + row, -tl.log(total))
 
 
-def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax [rows] int64, its log-probability [rows] float32) of float32 logits [rows, V]."""
+def greedy(logits: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [rows] int64, its log-probability [rows] float32) of float32 logits [rows, V].
+    `block`: columns per iteration (default: the whole row up to 32768, all loads in flight at
+    once, which matters at batch 1 where one program reads the row)."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    block = block or min(triton.next_power_of_2(vocab), 32768)
     if rows:
         _greedy_kernel[(rows,)](
-            logits, tokens, logprobs, logits.stride(0), vocab, BLOCK=4096, num_warps=8
-        )
+            logits, tokens, logprobs, logits.stride(0), vocab, BLOCK=block,
+            num_warps=16 if block >= 16384 else 8,
+        )  # fmt: skip
     return tokens, logprobs

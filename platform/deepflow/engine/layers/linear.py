@@ -35,6 +35,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def gate_up_silu_and_mul(x: torch.Tensor, gate_up: Linear) -> torch.Tensor | None:
+    """silu(gate) * up from the merged [gate | up] projection in one GEMV launch, where the GEMV
+    runs (few rows, Triton backend); None elsewhere: then the caller projects and activates."""
+    if USE_GEMV and x.dim() == 2 and x.shape[0] <= 2 and kernels.triton_active():
+        from deepflow.engine.kernels import gemv
+
+        if gemv.supports(x, gate_up.weight):
+            return gemv.gemv_silu_and_mul(x, gate_up.weight, gate_up.bias)
+    return None
+
+
 class Linear(nn.Module):
     """y = x W^T + b, parameters left uninitialised: the loader fills them. Replicated."""
 

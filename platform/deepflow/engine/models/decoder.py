@@ -19,7 +19,7 @@ from torch import nn
 from deepflow.engine.layers.activation import SiluAndMul
 from deepflow.engine.layers.attention import Attention, AttentionMetadata
 from deepflow.engine.layers.embedding import LMHead, VocabEmbedding
-from deepflow.engine.layers.linear import MergedLinear, RowParallelLinear
+from deepflow.engine.layers.linear import MergedLinear, RowParallelLinear, gate_up_silu_and_mul
 from deepflow.engine.layers.norm import RMSNorm
 from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from deepflow.engine.loader import Target
@@ -71,6 +71,9 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = gate_up_silu_and_mul(x, self.gate_up_proj)  # one GEMV launch for a few rows
+        if fused is not None:
+            return self.down_proj(fused)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
