@@ -75,11 +75,13 @@ class EdgeResponse(BaseModel):
 
 
 class JobSummary(BaseModel):
+    """A job in a list: its state and outcome, without its spec, tasks and edges (a dense
+    DAG's spec alone is hundreds of KB, and clients poll lists)."""
+
     id: str
     object: Literal["job"] = "job"
     kind: str
     state: JobState
-    spec: dict[str, Any]
     result: dict[str, Any] | None
     error: str | None
     flow_run_id: str | None
@@ -93,7 +95,6 @@ class JobSummary(BaseModel):
             id=job.id,
             kind=job.kind,
             state=job.state,
-            spec=job.spec,
             result=job.result,
             error=job.error,
             flow_run_id=job.flow_run_id,
@@ -104,6 +105,7 @@ class JobSummary(BaseModel):
 
 
 class JobResponse(JobSummary):
+    spec: dict[str, Any]
     tasks: list[TaskResponse]
     edges: list[EdgeResponse]
 
@@ -119,6 +121,7 @@ class JobResponse(JobSummary):
             upstream[edge.downstream].append(edge.upstream)
         return cls(
             **JobSummary.of(job).model_dump(),
+            spec=job.spec,
             tasks=[TaskResponse.of(t, upstream[t.name]) for t in job.tasks],
             edges=edges,
         )

@@ -21,10 +21,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from deepflow.config import normalize_database_url
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, durable: bool = True, **kwargs: Any) -> Engine:
+    """``durable=False``: on PostgreSQL, commits return before the WAL reaches the disk
+    (``synchronous_commit=off``; SQLite in WAL mode with ``synchronous=NORMAL`` does so
+    already). A server crash can then lose the last moments of commits, never consistency;
+    and any durable commit that read them (the driver's next pass) makes them durable too.
+    Only for writes that are safe to redo: a task attempt's claim, heartbeats and outcome."""
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        if not durable:
+            kwargs["connect_args"] = {"options": "-c synchronous_commit=off"}
         # No pre-ping: it costs a round trip per transaction (a quarter of a short task's time
         # on a worker). A connection the server dropped fails its transaction instead, which
         # every caller already survives (the API answers 5xx once, a task attempt is retried).
@@ -53,9 +60,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 class Database:
     """An engine and its sessions. ``transaction()`` is the unit of work: commit or roll back."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, durable: bool = True, **engine_kwargs: Any) -> None:
         self.url = normalize_database_url(url)
-        self.engine = make_engine(self.url, **engine_kwargs)
+        self.engine = make_engine(self.url, durable=durable, **engine_kwargs)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -71,12 +78,13 @@ class Database:
         self.engine.dispose()
 
 
-_databases: dict[str, Database] = {}
+_databases: dict[tuple[str, bool], Database] = {}
 
 
-def get_database(url: str) -> Database:
-    """One Database per URL per process, so connection pools are shared."""
-    url = normalize_database_url(url)
-    if url not in _databases:
-        _databases[url] = Database(url)
-    return _databases[url]
+def get_database(url: str, *, durable: bool = True) -> Database:
+    """One Database per URL (and durability, see ``make_engine``) per process, so connection
+    pools are shared."""
+    key = (normalize_database_url(url), durable)
+    if key not in _databases:
+        _databases[key] = Database(key[0], durable=durable)
+    return _databases[key]

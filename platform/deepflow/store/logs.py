@@ -2,7 +2,8 @@
 
 A worker writes one row per (task, attempt) after the operator returns, fails or is stopped,
 and before it reports the outcome, so a failed state is never visible without its log. A
-second write for the same attempt (a redelivered message) keeps the first.
+second write for the same attempt (a redelivered message) keeps the first (one INSERT ... ON
+CONFLICT DO NOTHING: no savepoint, no second round trip).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from deepflow.store.errors import NotFound
@@ -27,29 +29,26 @@ def write_task_log(
     dropped_chars: int,
     started_at: datetime,
     finished_at: datetime,
-) -> TaskLog:
-    """Store attempt ``attempt``'s log of ``task``; returns the stored row (the first one
-    when this attempt already has a log)."""
-    row = TaskLog(
-        task_id=task.id,
-        job_id=task.job_id,
-        tenant_id=task.tenant_id,
-        attempt=attempt,
-        outcome=outcome,
-        text=text,
-        dropped_chars=dropped_chars,
-        started_at=started_at,
-        finished_at=finished_at,
+) -> None:
+    """Store attempt ``attempt``'s log of ``task``, unless that attempt has one already."""
+    values = {
+        "task_id": task.id,
+        "job_id": task.job_id,
+        "tenant_id": task.tenant_id,
+        "attempt": attempt,
+        "outcome": outcome,
+        "text": text,
+        "dropped_chars": dropped_chars,
+        "started_at": started_at,
+        "finished_at": finished_at,
+    }
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        insert(TaskLog)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[TaskLog.task_id, TaskLog.attempt])
     )
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError:
-        existing = session.execute(
-            select(TaskLog).where(TaskLog.task_id == task.id, TaskLog.attempt == attempt)
-        ).scalar_one()
-        return existing
-    return row
+    session.execute(stmt)
 
 
 def read_task_logs(
