@@ -39,6 +39,7 @@ from deepflow.api.dashboard_schemas import (
 )
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.errors import APIError
+from deepflow.api.jobs import job_response
 from deepflow.api.metrics_history import MetricsHistory, Target
 from deepflow.api.schemas import EventList, EventResponse, JobResponse
 from deepflow.dag import JobState
@@ -102,8 +103,8 @@ def list_tasks(job_id: str, tenant: CurrentTenant, db: DB) -> TaskList:
         logs = logged_attempts(session, job_id)
         names = {t.id: t.name for t in job.tasks}
         upstream: dict[str, list[str]] = {t.id: [] for t in job.tasks}
-        for edge in job.edges:
-            upstream[edge.downstream_id].append(names[edge.upstream_id])
+        for up, down in store.job_edges(session, job_id):
+            upstream[down].append(names[up])
         data = [
             TaskDetail.detail(
                 task,
@@ -151,7 +152,7 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
     if dispatcher is not None:
         dispatcher.try_dispatch(job.id, kind)
     with db.transaction() as session:
-        return JobResponse.of(store.read_job(session, tenant.id, job.id))
+        return job_response(session, tenant.id, job.id)
 
 
 @router.get("/ui/api/deployments/{deployment_id}/events", response_model=EventList)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
 
 from deepflow import dag, store
 from deepflow.api.deps import DB, CurrentTenant
@@ -42,7 +43,7 @@ def create_job(
     if created and dispatcher is not None:
         dispatcher.try_dispatch(job.id, body.kind)
     with db.transaction() as session:
-        out = JobResponse.of(store.read_job(session, tenant.id, job.id))
+        out = job_response(session, tenant.id, job.id)
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
@@ -73,7 +74,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobResponse)
 def read_job(job_id: str, tenant: CurrentTenant, db: DB) -> JobResponse:
     with db.transaction() as session:
-        return JobResponse.of(store.read_job(session, tenant.id, job_id))
+        return job_response(session, tenant.id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobResponse)
@@ -81,7 +82,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, db: DB) -> JobResponse:
     """Cancel a job that has not finished; every unfinished task ends ``cancelled``."""
     with db.transaction() as session:
         store.cancel_job(session, tenant.id, job_id)
-        return JobResponse.of(store.read_job(session, tenant.id, job_id))
+        return job_response(session, tenant.id, job_id)
 
 
 @router.get("/{job_id}/events", response_model=EventList)
@@ -97,3 +98,9 @@ def read_job_events(
         events = store.read_job_events(session, tenant.id, job_id, after=after, limit=limit + 1)
         data = [EventResponse.of(e) for e in events[:limit]]
     return EventList(data=data, has_more=len(events) > limit)
+
+
+def job_response(session: Session, tenant_id: str, job_id: str) -> JobResponse:
+    """What every job endpoint answers: the job, its tasks and its edges."""
+    job = store.read_job(session, tenant_id, job_id)
+    return JobResponse.of(job, store.job_edges(session, job_id))

@@ -110,11 +110,11 @@ class JobResponse(JobSummary):
     edges: list[EdgeResponse]
 
     @classmethod
-    def of(cls, job: Job) -> JobResponse:
+    def of(cls, job: Job, edges_by_id: list[tuple[str, str]]) -> JobResponse:
+        """``job`` with its tasks, and its edges as ``store.job_edges`` gives them."""
         names = {t.id: t.name for t in job.tasks}
         edges = [
-            EdgeResponse(upstream=names[e.upstream_id], downstream=names[e.downstream_id])
-            for e in job.edges
+            EdgeResponse(upstream=names[up], downstream=names[down]) for up, down in edges_by_id
         ]
         upstream: dict[str, list[str]] = {t.name: [] for t in job.tasks}
         for edge in edges:
