@@ -138,6 +138,10 @@ class WarmPool:
 
         process, conn = self._take()
         context = serialize_context()
+        # The warm process has settings of its own, from the same environment (and builds
+        # them again if the run's environment changes one). Hydrating the runner's would
+        # rebuild hundreds of pydantic models: a third of a second before every flow run.
+        context.pop("settings_context", None)
         conn.send_bytes(cloudpickle.dumps((flow, flow_run, dict(env or {}), context)))
         conn.close()
         threading.Thread(target=self.fill, name="warm-pool-fill", daemon=True).start()
