@@ -7,7 +7,8 @@ time goes.
    engine (Triton kernels, decode graphs, async scheduling) generates; the reference runner
    (torch layers, eager) then scores each prompt + generated text in one teacher-forced pass.
    At every generated position: does the reference's argmax equal the token the fast path
-   chose, and how far apart are the two logit rows? The relative error is
+   chose, and how far apart are the two logit rows (both float32: the model writes float32
+   logits, nothing is rounded to bf16 before the comparison)? The relative error is
    ||fast - ref||_F / ||ref||_F over every generated position's whole row of 32,000 logits (the
    RMS error of a logit over the RMS logit); the worst single row and the median row are shown
    beside it. Pass: >= 99% of positions agree and the relative error is <= 1e-2. How peaked the

@@ -1,8 +1,9 @@
 """Row-wise Triton kernels: RMSNorm fused with the residual add, SwiGLU, RoPE in place.
 
 Each replaces two to five torch launches (and their intermediate tensors) with one pass over
-the data, and rounds where the torch reference rounds (statistics in float32, results in the
-model's dtype), so the two paths differ by a rounding, not by a formula.
+the data, and rounds where the torch reference rounds: everything in float32, one rounding to
+the model's dtype at the end (the residual stream stays float32), so the two paths differ by
+the order of a float32 sum at most, not by a formula.
 """
 
 from __future__ import annotations
@@ -21,27 +22,26 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    dtype = x.dtype
-    x32 = x.to(tl.float32)
+    x32 = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
+        # The residual stream is float32 (res_out is a float32 buffer): the sum is not rounded.
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x32 + r.to(tl.float32)).to(dtype)
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
-        x32 = x.to(tl.float32)
+        x32 = r.to(tl.float32) + x32
+        tl.store(res_out_ptr + row * stride_ro + cols, x32, mask=mask)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x32 * rstd).to(dtype).to(tl.float32) * w
-    tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
+    y = x32 * rstd * w
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """norm(x), or (norm(x + residual), x + residual), for x [rows, hidden]."""
+    """norm(x) in the weight's dtype, or (that of x + residual, x + residual in float32), for
+    x [rows, hidden]."""
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(x2)
-    res_out = out if residual is None else torch.empty_like(x2)
+    out = torch.empty(x2.shape, dtype=weight.dtype, device=x2.device)
+    res_out = out if residual is None else torch.empty_like(x2, dtype=torch.float32)
     res = x2 if residual is None else residual.reshape(-1, x.shape[-1])
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
@@ -63,7 +63,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     g32 = gate.to(tl.float32)
-    act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+    act = g32 / (1.0 + tl.exp(-g32))  # float32 up to the product, rounded once
     tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
@@ -98,9 +98,9 @@ def _rotary_kernel(
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = tl.load(ptr + half, mask=mask, other=0.0).to(tl.float32)
-    # The reference's roundings: x*cos and rotate_half(x)*sin in the model dtype, then the sum.
-    out1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
-    out2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+    # float32 throughout (cos/sin tables are float32), one rounding to x's dtype at the store.
+    out1 = x1 * c - x2 * s
+    out2 = x2 * c + x1 * s
     tl.store(ptr, out1.to(dtype), mask=mask)
     tl.store(ptr + half, out2.to(dtype), mask=mask)
 

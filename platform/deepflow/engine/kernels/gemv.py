@@ -86,8 +86,8 @@ def _gemv_silu_kernel(
     EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """y[:, j] = silu(x W[j]^T) * (x W[INTER + j]^T): the gate/up GEMV and SwiGLU in one pass,
-    rounding gate and up to the output dtype first, then silu's result, as the two-kernel path
-    (GEMV, then kernels.elementwise.silu_and_mul) does."""
+    rounding gate and up to the output dtype first, then silu(gate) * up once, as the
+    two-kernel path (GEMV, then kernels.elementwise.silu_and_mul) does."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -127,12 +127,12 @@ def _gemv_silu_kernel(
         bu = tl.zeros((BLOCK_N,), tl.float32)
     gate = (tl.sum(g0, axis=1) + bg).to(out_ty).to(tl.float32)
     up = (tl.sum(u0, axis=1) + bu).to(out_ty).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    act = gate / (1.0 + tl.exp(-gate))
     tl.store(y_ptr + rows, (act * up).to(out_ty), mask=row_ok)
     if M > 1:
         gate = (tl.sum(g1, axis=1) + bg).to(out_ty).to(tl.float32)
         up = (tl.sum(u1, axis=1) + bu).to(out_ty).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        act = gate / (1.0 + tl.exp(-gate))
         tl.store(y_ptr + stride_ym + rows, (act * up).to(out_ty), mask=row_ok)
 
 
@@ -168,12 +168,13 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T (+ bias) for M <= MAX_ROWS, in x's dtype."""
+    """x [M, K] @ weight[N, K]^T (+ bias) for M <= MAX_ROWS, in out_dtype (default x's)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps = config or pick_config(m, n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, y, n, k,

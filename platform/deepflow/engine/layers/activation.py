@@ -16,4 +16,5 @@ class SiluAndMul(nn.Module):
 
             return silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        # float32 up to the product, one rounding (not silu rounded, then the product).
+        return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)

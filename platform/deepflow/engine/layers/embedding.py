@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepflow.engine import kernels
+from deepflow.engine.layers import linear as linear_layer
 from deepflow.engine.layers.linear import linear
 from deepflow.engine.loader import Target
 from deepflow.engine.parallel.group import Split, TPGroup
@@ -27,6 +29,32 @@ def _vocab_target(weight: torch.Tensor, split: Split, name: str) -> dict[str, Ta
     shape = (split.total, weight.shape[1])
     shard = None if split.is_whole else split.slice
     return {name: Target(weight, shape, slice(0, split.size), 0, shard)}
+
+
+_MM_OUT_DTYPE = True
+"""Whether torch.mm takes out_dtype here (CUDA, torch >= 2.8); cleared on the first refusal."""
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T with float32 output: the inputs stay in their dtype (a bf16 GEMM that
+    accumulates in float32, as any does) and only the output is not rounded back."""
+    global _MM_OUT_DTYPE
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return linear(x, weight)
+    if linear_layer.USE_GEMV and x.dim() == 2 and x.shape[0] <= 2 and kernels.triton_active():
+        from deepflow.engine.kernels import gemv
+
+        if gemv.supports(x, weight):  # the Triton GEMV for a few rows
+            return gemv.gemv(x, weight, out_dtype=torch.float32)
+    if x.device.type == "cuda" and x.dtype == weight.dtype and _MM_OUT_DTYPE:
+        x2 = x.reshape(-1, x.shape[-1])
+        try:
+            out = torch.mm(x2, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+        else:
+            return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.float(), weight.float())
 
 
 class VocabEmbedding(nn.Module):
@@ -68,7 +96,9 @@ class LMHead(nn.Module):
             self.weight = _vocab_weight(self.vocab, rows, hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)  # the Triton GEMV for a few rows
+        """float32 logits: rounding them to a bf16 model's dtype would cost ~3 significant
+        digits (a relative error of ~2e-3) for nothing, the sampler reads float32."""
+        logits = float32_linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[..., : self.vocab.total]

@@ -107,13 +107,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim]. The fast path rotates x in
-    place (x is a fresh projection's view) and returns it."""
+    """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim]. Computed in float32 (the
+    model passes float32 tables), rounded once to x's dtype. The fast path rotates x in place
+    (x is a fresh projection's view) and returns it."""
     if kernels.triton_active():
         from deepflow.engine.kernels.elementwise import rotary_
 
         return rotary_(x, cos, sin)
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    x32 = x.float()
+    return (x32 * cos[:, None, :] + rotate_half(x32) * sin[:, None, :]).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -7,6 +7,13 @@ q/k/v (Qwen2) and tied embeddings. Module names follow the checkpoints', so
 Under tensor parallelism (`tp`) each rank builds its shard: its query and KV heads (column-
 parallel q/k/v), its columns of o_proj (row-parallel, summed over ranks), its slice of the MLP's
 intermediate size likewise, and its rows of the vocabulary; norms and RoPE are replicated.
+
+Precision (the same on the reference layers and the Triton kernels): weights, GEMM inputs and
+outputs, the KV cache and attention's operands are in the model's dtype; the residual stream,
+RMSNorm, RoPE (float32 cos/sin), SiLU * up, attention scores and softmax, and the logits are
+float32, each rounded once where a GEMM or the cache reads it. In bf16 this halves the error
+of a bf16 model against float32 and the gap between two bf16 implementations
+(bench/precision_ablation.py; BENCHMARKS.md, "FlowServe on the accelerator").
 """
 
 from __future__ import annotations
@@ -94,8 +101,8 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
+        if residual is None:  # the first layer: the stream starts as the embedding, in float32
+            residual, x = x.float(), self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, cos, sin, meta)
@@ -122,7 +129,7 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)
+        cos, sin = self.rotary_emb(positions, torch.float32)  # RoPE is computed in float32
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, meta)
@@ -148,6 +155,7 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits (the head's GEMM reads the model's dtype, writes float32)."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
