@@ -9,8 +9,9 @@ CONFLICT DO NOTHING: no savepoint, no second round trip).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
 
-from sqlalchemy import func, select
+from sqlalchemy import Insert, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -42,13 +43,15 @@ def write_task_log(
         "started_at": started_at,
         "finished_at": finished_at,
     }
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = (
-        insert(TaskLog)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=[TaskLog.task_id, TaskLog.attempt])
-    )
-    session.execute(stmt)
+    session.execute(_insert_once(session.get_bind().dialect.name), values)
+
+
+@cache
+def _insert_once(dialect: str) -> Insert:
+    """One statement per dialect, so SQLAlchemy compiles it once, not on every attempt."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    table = TaskLog.__table__
+    return insert(table).on_conflict_do_nothing(index_elements=[table.c.task_id, table.c.attempt])
 
 
 def read_task_logs(
