@@ -48,12 +48,14 @@ def _child(conn: multiprocessing.connection.Connection) -> None:
     from prefect.flow_engine import run_flow
 
     import flows.deployments  # noqa: F401  (the imports are the point)
+    from deepflow.procutil import freeze_heap
     from flows.jobs import warm_up
 
     try:
         warm_up()
     except Exception:  # the run itself will report what is unreachable
         log.warning("warming up a flow-run process failed", exc_info=True)
+    freeze_heap()
     try:
         payload = conn.recv_bytes()
     except (EOFError, OSError):  # the pool closed, or the runner died

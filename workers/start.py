@@ -12,6 +12,7 @@ import sys
 
 from deepflow.config import Settings
 from deepflow.dag import operators
+from deepflow.procutil import freeze_heap
 from workers.app import make_app
 from workers.constants import ACCELERATOR_QUEUES, QUEUES, VISIBLE_DEVICES_ENV
 
@@ -70,4 +71,6 @@ def start_worker(
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised before the worker forked its pool")
-    make_app(settings).worker_main(argv)
+    app = make_app(settings)
+    freeze_heap()  # before the pool forks: its children inherit the frozen imports
+    app.worker_main(argv)

@@ -33,10 +33,13 @@ def _api(args: argparse.Namespace) -> int:
 
     from deepflow.api import create_app
     from deepflow.launcher import require_current_schema
+    from deepflow.procutil import freeze_heap
 
     settings = Settings.from_env()
     require_current_schema(settings.database_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    app = create_app(settings)
+    freeze_heap()  # the process's imports are done
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

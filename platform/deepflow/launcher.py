@@ -29,7 +29,7 @@ from alembic.script import ScriptDirectory
 from deepflow.api import create_app
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
-from deepflow.procutil import die_with_parent
+from deepflow.procutil import die_with_parent, freeze_heap
 from deepflow.serving import quickstart
 from deepflow.serving.supervisor import Supervisor, stop_local_instances
 from deepflow.store import (
@@ -241,6 +241,7 @@ class ApiServer:
         config = uvicorn.Config(app, host=settings.api_host, port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        freeze_heap()  # the process's imports are done
 
     def run(self) -> None:
         """Serve until Ctrl-C (or ``stop``), then stop the reconciler."""

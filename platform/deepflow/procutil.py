@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -44,3 +45,13 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def freeze_heap() -> None:
+    """Exempt every object allocated so far (the imports, mostly) from garbage collection.
+
+    A process that has imported Prefect, SQLAlchemy and Celery tracks ~160k objects, and a
+    full collection walks them all: ~0.1 s of a job's time, whenever enough new objects
+    survive (a driver pass, a few hundred task runs). Call it once start-up is done; before
+    a fork, it also keeps the children from dirtying the parent's pages."""
+    gc.freeze()
