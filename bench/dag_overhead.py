@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "bench")]
 
 from deepflow.config import Settings, normalize_database_url  # noqa: E402
 from deepflow.launcher import ApiServer, Stack, free_port  # noqa: E402
+from deepflow.procutil import freeze_heap  # noqa: E402
 from deepflow.store import Database, create_api_key, schema  # noqa: E402
 
 LEVELS, WIDTH = 4, 50
@@ -94,6 +95,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         with db.transaction() as s:
             _, key = create_api_key(s, "bench")
         api = ApiServer(stack.settings, db).start()
+        freeze_heap()  # as `deepflow up` does in the process that serves the API
         # One client: a new httpx client per poll loads the CA bundle (~20 ms of CPU each)
         # on a machine whose two cores the platform under test needs.
         client = httpx.Client(

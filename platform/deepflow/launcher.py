@@ -241,10 +241,10 @@ class ApiServer:
         config = uvicorn.Config(app, host=settings.api_host, port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
-        freeze_heap()  # the process's imports are done
 
     def run(self) -> None:
         """Serve until Ctrl-C (or ``stop``), then stop the reconciler."""
+        freeze_heap()  # this process is the API now: its imports are done
         self.reconciler.start()
         try:
             self.server.run()
