@@ -14,6 +14,7 @@ lengths back to the host, which a graph cannot.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -138,15 +139,25 @@ class DecodeGraphs:
     def _capture(self) -> None:
         device = self.runner.device
         pool = device.graph_pool_handle()
-        with kernels.use_backend("triton"):
-            for size in reversed(self.sizes):  # largest first: the rest fit in its pool
-                self._forward(size)  # compiles the kernels outside the capture
-                device.synchronize()
-                graph = device.graph()
-                with device.capture(graph, pool=pool):
-                    self.outputs[size] = self._forward(size)
-                self.graphs[size] = graph
-        device.synchronize()
+        # An unreachable engine's graphs must not be freed mid-capture: a graph destroyed
+        # while a stream captures invalidates the capture. Collect them now, then keep the
+        # collector out of the way until every size is captured.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with kernels.use_backend("triton"):
+                for size in reversed(self.sizes):  # largest first: the rest fit in its pool
+                    self._forward(size)  # compiles the kernels outside the capture
+                    device.synchronize()
+                    graph = device.graph()
+                    with device.capture(graph, pool=pool):
+                        self.outputs[size] = self._forward(size)
+                    self.graphs[size] = graph
+            device.synchronize()
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
         return len(chunks) <= self.largest and all(c.num_tokens == 1 for c in chunks)
