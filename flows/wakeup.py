@@ -34,17 +34,39 @@ def scheduled_runs_of(deployment_ids: set[UUID]) -> EventFilter:
 
 
 async def submit_when_scheduled(runner: Runner) -> None:
-    """Run until cancelled: poll ``runner`` whenever one of its deployments gets a flow run."""
+    """Run until cancelled: poll ``runner`` whenever one of its deployments gets a flow run.
+
+    Events that arrive while a poll runs are answered by one more poll, not one each: a
+    subscriber that (re)connects is sent a backfill of recent events."""
     while not runner.started:  # its deployments are registered and its poller exists then
         await asyncio.sleep(0.05)
+    wanted = asyncio.Event()
+    poller = asyncio.create_task(_poll_when_wanted(runner, wanted))
+    try:
+        await _listen(runner, wanted)
+    finally:
+        poller.cancel()
+
+
+async def _listen(runner: Runner, wanted: asyncio.Event) -> None:
     ids = runner._deployment_registry.get_deployment_ids()  # Prefect-internal: no public accessor
     while not runner.stopping:
         try:
             async with get_events_subscriber(filter=scheduled_runs_of(ids)) as events:
                 async for _ in events:
-                    await runner._get_and_submit_flow_runs()  # the poll itself (Prefect-internal)
+                    wanted.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the server restarting: the poll covers the gap
             log.warning("flow-run events unavailable (%s); retrying in %.0f s", exc, RETRY_S)
             await asyncio.sleep(RETRY_S)
+
+
+async def _poll_when_wanted(runner: Runner, wanted: asyncio.Event) -> None:
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        try:
+            await runner._get_and_submit_flow_runs()  # the poll itself (Prefect-internal)
+        except Exception:  # the regular poll will try again
+            log.warning("polling for new flow runs failed", exc_info=True)
