@@ -218,8 +218,7 @@ class HostOnlyRunner:
         for name in ("block_size", "num_blocks", "max_model_len", "model_config", "device"):
             setattr(self, name, getattr(runner, name))
         width = -(-runner.max_model_len // runner.block_size)
-        self.inputs = DecodeInputs(largest, width, runner.block_size, torch.device("cpu"),
-                                   runner.to_device)  # fmt: skip
+        self.inputs = DecodeInputs(largest, width, runner.block_size, torch.device("cpu"))
         self.logits = torch.zeros(largest, runner.model_config.vocab_size)
 
     def execute(self, batch, pending=None):

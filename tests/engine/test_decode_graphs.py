@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from deepflow.engine.decode_graphs import DecodeInputs, batch_ladder
+from deepflow.engine.decode_graphs import DecodeInputs, GreedySamples, batch_ladder
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, ScheduledChunk
 from deepflow.engine.sequence import Sequence
@@ -44,7 +44,7 @@ def advance(running: list[Sequence], rng: random.Random, free: list[int]) -> Non
 
 def test_the_graph_buffers_hold_each_steps_inputs() -> None:
     rng = random.Random(0)
-    inputs = DecodeInputs(LARGEST, WIDTH, BS, torch.device("cpu"), torch.tensor)
+    inputs = DecodeInputs(LARGEST, WIDTH, BS, torch.device("cpu"))
     free = list(range(1000))
     rng.shuffle(free)
     live: list[Sequence] = []
@@ -79,7 +79,17 @@ def test_the_graph_buffers_hold_each_steps_inputs() -> None:
         chunks = [ScheduledChunk(s, 1) for s in running]
         inputs.fill(chunks, pending, size)
         header, tables = expected(chunks, pending, size)
-        assert torch.equal(inputs.header[:, :size], header)
+        assert torch.equal(inputs.header(size), header)
         for row, table in enumerate(tables):
             assert inputs.tables[row, : len(table)].tolist() == table
         advance(running, rng, free)
+
+
+def test_greedy_samples_unpack_tokens_and_float32_logprobs() -> None:
+    size, n = 4, 3
+    packed = torch.zeros(2 * size, dtype=torch.int64)
+    packed[:size] = torch.tensor([5, 6, 7, 0])
+    packed[size:].view(torch.float32)[:size] = torch.tensor([-0.5, -1.25, -2.0, 0.0])
+    samples = GreedySamples(packed, n, size)
+    assert samples.tokens.tolist() == [5, 6, 7]
+    assert samples.unpack(packed.clone()) == ([5, 6, 7], [-0.5, -1.25, -2.0])

@@ -3,19 +3,22 @@
 A pure decode step (every chunk one token) of n sequences replays the graph of the smallest
 captured size >= n, its inputs padded: padding rows read token 0 at position 0 with no cached
 context and write their K/V nowhere (slot -1), so they cost a little compute and change nothing.
-The graphs read fixed device buffers (`DecodeInputs`): one [4, max] header (token ids,
-positions, slots, cached lengths) and one [max, blocks per sequence] table. A step sends the
-header in one host-to-device copy; block tables change every block_size tokens, so each running
-sequence keeps a row of a device-side table store, a step sends only the rows that changed and
-gathers the batch's rows into the graph's table on the device. Tokens the previous step sampled
-on the device are scattered in last. Only the Triton path is captured: the torch reference reads
-lengths back to the host, which a graph cannot.
+The graphs read fixed device buffers (`DecodeInputs`): a [4, size] header per size (token ids,
+positions, slots, cached lengths), the head of one staging buffer, and one [max, blocks per
+sequence] table. A step sends everything in one pinned host-to-device copy straight into the
+staging buffer; block tables change every block_size tokens, so each running sequence keeps a
+row of a device-side table store, a step sends only the rows that changed and gathers the
+batch's rows into the graph's table on the device (not at all when neither the rows nor the
+tables changed). Tokens the previous step sampled on the device are scattered in last. Each
+graph also samples its rows greedily (kernels/sampling.py) into a fixed buffer: where the
+engine's rows are all plain greedy, that is the step's sampling, with no launch of its own and
+one copy to the host. Only the Triton path is captured: the torch reference reads lengths back
+to the host, which a graph cannot.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,23 +42,24 @@ def batch_ladder(largest: int) -> list[int]:
 class DecodeInputs:
     """The device buffers the decode graphs read, and filling them for one step."""
 
-    def __init__(
-        self,
-        largest: int,
-        width: int,
-        block_size: int,
-        device: torch.device,
-        to_device: Callable[[list[int]], torch.Tensor],
-    ) -> None:
-        self.largest, self.block_size, self.to_device = largest, block_size, to_device
-        self.header = torch.zeros(4, largest, dtype=torch.int64, device=device)
-        self.header[2].fill_(-1)  # slots: capture writes nothing
+    def __init__(self, largest: int, width: int, block_size: int, device: torch.device) -> None:
+        self.largest, self.block_size, self.device = largest, block_size, device
+        self.staging = torch.zeros(largest * (8 + width), dtype=torch.int64, device=device)
+        """A step's host values land here in one copy: its first 4 x size entries are the
+        header of the graph of that size (`header`), the rest what fill() scatters."""
         self.tables = torch.zeros(largest, width, dtype=torch.int64, device=device)
         self.store = torch.zeros(largest, width, dtype=torch.int64, device=device)
         """Row r holds the block table of the sequence self._row_of maps to r."""
         self._row_of: dict[int, int] = {}
         self._stored: list[list[int]] = [[] for _ in range(largest)]
         self._free_rows = list(range(largest - 1, -1, -1))
+        self._gathered: list[int] = []
+        """The store rows self.tables holds, in order (a step with the same rows and no table
+        change skips the gather)."""
+
+    def header(self, size: int) -> torch.Tensor:
+        """[4, size]: token ids, positions, slots, cached lengths of the graph of `size`."""
+        return self.staging[: 4 * size].view(4, size)
 
     def fill(self, chunks: list[ScheduledChunk], pending: PendingTokens | None, size: int) -> None:
         """Write the step's inputs for `chunks` (at most `size`; the rest is padding)."""
@@ -94,18 +98,43 @@ class DecodeInputs:
         flat += rows + fill_dst + fill_src + dirty
         for r in dirty:
             flat += stored[r] + [0] * (width - len(stored[r]))
-        staged = self.to_device(flat)
-        self.header[:, :size].copy_(staged[: 4 * size].view(4, size))
+        self._send(flat, size, rows, fill_dst, fill_src, dirty, width, pending)
+
+    def _send(
+        self,
+        flat: list[int],
+        size: int,
+        rows: list[int],
+        fill_dst: list[int],
+        fill_src: list[int],
+        dirty: list[int],
+        width: int,
+        pending: PendingTokens | None,
+    ) -> None:
+        """One copy of `flat` into the staging buffer, then the device-side scatters."""
+        n = len(rows)
+        host = torch.tensor(flat, dtype=torch.int64)
+        if self.device.type != "cpu":  # pinned: the copy does not wait for the queued steps
+            host = host.pin_memory()
+        staged = self.staging[: len(flat)]
+        staged.copy_(host, non_blocking=True)
         parts = staged[4 * size :].split(
             [n, len(fill_dst), len(fill_src), len(dirty), len(dirty) * width]
         )
         batch_rows, dst, src, dirty_rows, dirty_tables = parts
         if dirty:
             self.store[dirty_rows, :width] = dirty_tables.view(len(dirty), width)
-        self.tables[:n] = self.store[batch_rows]
+        if dirty or rows != self._gathered:  # else self.tables holds these rows already
+            torch.index_select(self.store, 0, batch_rows, out=self.tables[:n])
+            self._gathered = rows
         if fill_dst:
             assert pending is not None
-            self.header[0].index_copy_(0, dst, pending.tokens[src])
+            token_ids = self.staging[:size]
+            k = len(fill_dst)
+            if fill_dst == fill_src == list(range(k)):  # the same rows, in the same order
+                token_ids[:k].copy_(pending.tokens[:k])
+            else:
+                token_ids.index_copy_(0, dst, pending.tokens[src])
 
 
 class DecodeGraphs:
@@ -115,14 +144,17 @@ class DecodeGraphs:
         self.largest = largest
         device = runner.device.torch_device
         width = -(-runner.max_model_len // runner.block_size)
-        self.inputs = DecodeInputs(largest, width, runner.block_size, device, runner.to_device)
+        self.inputs = DecodeInputs(largest, width, runner.block_size, device)
         self.rows = torch.arange(largest, device=device)
+        self.sampled = torch.zeros(2 * largest, dtype=torch.int64, device=device)
+        """Each graph of size s also samples greedily (kernels/sampling.py): the argmax of row
+        i at sampled[i], its float32 log-probability in the bits of sampled[s:2 * s]."""
         self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
 
     def _forward(self, size: int) -> torch.Tensor:
-        ids, positions, slots, cached = (row[:size] for row in self.inputs.header)
+        ids, positions, slots, cached = self.inputs.header(size)
         tables = self.inputs.tables[:size]
         decode = DecodeBatch(self.rows[:size], cached, tables, slots)
         meta = AttentionMetadata(
@@ -133,7 +165,15 @@ class DecodeGraphs:
             fast=FastMetadata(decode, None, decode_writes=True),
         )
         model = self.runner.model
-        return model.compute_logits(model(ids, positions, meta)).float()
+        logits = model.compute_logits(model(ids, positions, meta)).float()
+        from deepflow.engine.kernels.sampling import greedy
+
+        greedy(logits, out=self.greedy_buffers(size))
+        return logits
+
+    def greedy_buffers(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.sampled[:size]
+        return tokens, self.sampled[size : 2 * size].view(torch.float32)[:size]
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -148,6 +188,9 @@ class DecodeGraphs:
         try:
             with kernels.use_backend("triton"):
                 for size in reversed(self.sizes):  # largest first: the rest fit in its pool
+                    header = self.inputs.header(size)  # the sizes' headers overlap
+                    header.zero_()
+                    header[2].fill_(-1)  # slots: capture writes nothing
                     self._forward(size)  # compiles the kernels outside the capture
                     device.synchronize()
                     graph = device.graph()
@@ -162,8 +205,13 @@ class DecodeGraphs:
     def fits(self, chunks: list[ScheduledChunk]) -> bool:
         return len(chunks) <= self.largest and all(c.num_tokens == 1 for c in chunks)
 
-    def run(self, chunks: list[ScheduledChunk], pending: PendingTokens | None) -> torch.Tensor:
-        """float32 logits [chunks that need them, vocab] (a copy: the graph reuses its output)."""
+    def run(
+        self, chunks: list[ScheduledChunk], pending: PendingTokens | None, greedy: bool = False
+    ) -> tuple[torch.Tensor, GreedySamples | None]:
+        """float32 logits [chunks that need them, vocab] and, with `greedy` (the caller samples
+        every row greedily, before the next step), the graph's own greedy samples. Without
+        `greedy` the logits are a copy (the graph reuses its output); with it they are the
+        graph's output itself, valid until the next replay is queued."""
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
         self.inputs.fill(chunks, pending, size)
@@ -171,5 +219,24 @@ class DecodeGraphs:
         logits = self.outputs[size][:n]
         if not all(c.needs_logits for c in chunks):
             rows = [i for i, c in enumerate(chunks) if c.needs_logits]
-            return logits[self.runner.to_device(rows)]
-        return logits.clone()
+            return logits[self.runner.to_device(rows)], None
+        if greedy:
+            return logits, GreedySamples(self.sampled[: 2 * size], n, size)
+        return logits.clone(), None
+
+
+class GreedySamples:
+    """A decode graph's greedy samples of its n rows, packed in one buffer of 2 x size int64
+    (tokens, then the float32 log-probabilities' bits): one copy brings them to the host."""
+
+    def __init__(self, packed: torch.Tensor, n: int, size: int) -> None:
+        self.packed, self.n, self.size = packed, n, size
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.packed[: self.n]
+
+    def unpack(self, host: torch.Tensor) -> tuple[list[int], list[float]]:
+        """(tokens, logprobs) from the host copy of `packed`."""
+        n, size = self.n, self.size
+        return host[:n].tolist(), host[size : 2 * size].view(torch.float32)[:n].tolist()

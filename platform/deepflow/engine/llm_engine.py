@@ -123,6 +123,13 @@ class LLMEngine:
             model_runner, "supports_pending_tokens", False
         )
         self._inflight: _InFlight | None = None
+        # This loop samples each step's logits before it queues anything else, so a runner
+        # that can (ModelRunner) samples plain greedy decode steps inside its decode graphs.
+        self._graph_greedy = self.async_scheduling and getattr(
+            model_runner, "supports_graph_greedy", False
+        )
+        if self._graph_greedy:
+            model_runner.graph_greedy = True
 
     @classmethod
     def from_model(cls, model_dir: str, **kwargs: Any) -> LLMEngine:
@@ -269,7 +276,12 @@ class LLMEngine:
             self.scheduler.update(batch)
             if sampling:
                 seqs, rows = self._fork_samples(sampling)
-                sampled = self.sampler.sample(self._rows(logits, rows), seqs, self.eos_token_ids)
+                picked = self._rows(logits, rows)
+                taken = self.model_runner.greedy_samples(picked) if self._graph_greedy else None
+                if taken is not None:  # sampled by the decode graph
+                    sampled = self.sampler.sample(picked, seqs, self.eos_token_ids, taken)
+                else:
+                    sampled = self.sampler.sample(picked, seqs, self.eos_token_ids)
                 self._inflight = _InFlight(seqs, sampled)
         outputs = []
         if prev is not None and done is not None:

@@ -18,13 +18,14 @@ import torch
 
 from deepflow.engine import kernels
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.decode_graphs import DecodeGraphs
+from deepflow.engine.decode_graphs import DecodeGraphs, GreedySamples
 from deepflow.engine.device import Device
 from deepflow.engine.layers.attention import AttentionMetadata, build_fast_metadata
 from deepflow.engine.loader import load_weights
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
 from deepflow.engine.parallel.group import TPGroup
+from deepflow.engine.sampler import plain_greedy
 from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelRunner:
     supports_pending_tokens = True
     """execute() takes the previous step's tokens on the device (the engine's async scheduling)."""
+    supports_graph_greedy = True
+    """With graph_greedy set, a decode step of plain greedy rows is sampled inside its graph."""
 
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None) -> None:
         self.tp = tp or TPGroup()
@@ -57,6 +60,11 @@ class ModelRunner:
         self.num_blocks = self._count_blocks()
         self.kv_cache = self._allocate_cache()
         self.graphs = self._capture_graphs()
+        self.graph_greedy = False
+        """Set by a caller that samples each step's logits before it queues anything else (the
+        engine's async loop): a decode graph step whose rows are all plain greedy then returns
+        the graph's own logits buffer (no copy) and its samples (greedy_samples)."""
+        self._greedy: tuple[torch.Tensor, GreedySamples] | None = None
 
     def _pick_dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -244,12 +252,23 @@ class ModelRunner:
         """float32 logits [chunks that need them, vocab], in chunk order, on the device.
         `pending`: the previous step's sampled tokens, for sequences whose last token is
         PENDING_TOKEN (the engine schedules a step before the one before it has finished)."""
+        self._greedy = None
         self.copy_blocks(batch.block_copies)
         if not batch.chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device.torch_device)
         if self.graphs is not None and self.graphs.fits(batch.chunks):
-            return self.graphs.run(batch.chunks, pending)
+            greedy = self.graph_greedy and all(plain_greedy(c.seq) for c in batch.chunks)
+            logits, samples = self.graphs.run(batch.chunks, pending, greedy)
+            if samples is not None:
+                self._greedy = (logits, samples)
+            return logits
         return self._run_eager(batch.chunks, pending)
+
+    def greedy_samples(self, logits: torch.Tensor) -> GreedySamples | None:
+        """The samples the last step's graph took of exactly these logits, if it did."""
+        if self._greedy is not None and self._greedy[0] is logits:
+            return self._greedy[1]
+        return None
 
     def _run_eager(
         self, chunks: list[ScheduledChunk], pending: PendingTokens | None

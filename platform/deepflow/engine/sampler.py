@@ -12,11 +12,14 @@ pinned memory), so the engine can queue the next step's forward before reading t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deepflow.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from deepflow.engine.decode_graphs import GreedySamples
 
 
 @dataclass(slots=True)
@@ -53,11 +56,15 @@ class SampledBatch:
         logprobs: torch.Tensor,
         top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         wanted: list[int | None],
+        packed: GreedySamples | None = None,
     ) -> None:
+        """`packed`: a decode graph's greedy samples (tokens and logprobs in one buffer, one
+        copy to the host); `logprobs` and `top` are then unused."""
         self.tokens = tokens
         """[rows] int64: the sampled ids, which the next step may feed before they are read."""
         self.wanted = wanted
-        device_side = [tokens, logprobs, *(top or ())]
+        self._packed = packed
+        device_side = [packed.packed] if packed is not None else [tokens, logprobs, *(top or ())]
         if tokens.device.type == "cpu":
             self._host, self._done = device_side, None
         else:
@@ -69,6 +76,9 @@ class SampledBatch:
         """Wait for the copy (the step's one host synchronisation) and unpack it."""
         if self._done is not None:
             self._done.synchronize()
+        if self._packed is not None:
+            tokens, logprobs = self._packed.unpack(self._host[0])
+            return SamplerOutput(tokens, logprobs, [None] * len(tokens))
         tokens, logprobs, *top = (t.tolist() for t in self._host)
         return SamplerOutput(tokens, logprobs, _unpack_top(top, tokens, logprobs, self.wanted))
 
@@ -84,9 +94,17 @@ class Sampler:
         return self.sample(logits, seqs, eos_token_ids).result()
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: list[int],
+        greedy: GreedySamples | None = None,
     ) -> SampledBatch:
+        """`greedy`: the samples a decode graph already took of these logits with the same
+        kernel, used where every row is plain greedy."""
         logits = logits.float()
+        if greedy is not None and greedy.n == len(seqs) and _fused_greedy(logits, seqs):
+            return SampledBatch(greedy.tokens, greedy.tokens, None, [None] * len(seqs), greedy)
         if _fused_greedy(logits, seqs):
             from deepflow.engine.kernels.sampling import greedy
 
@@ -139,18 +157,20 @@ def _fused_greedy(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
     on CUDA, every row plain greedy (no logprobs, penalties or min_tokens still masking)."""
     if logits.device.type != "cuda" or not _triton_available():
         return False
-    for seq in seqs:
-        p = seq.params
-        if (
-            not p.greedy
-            or p.logprobs is not None
-            or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
-            or p.repetition_penalty != 1.0
-            or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0
-        ):
-            return False
-    return True
+    return all(plain_greedy(seq) for seq in seqs)
+
+
+def plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing else to apply: no logprobs, penalties or min_tokens still masking."""
+    p = seq.params
+    return not (
+        not p.greedy
+        or p.logprobs is not None
+        or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+    )
 
 
 _TRITON: list[bool] = []

@@ -41,14 +41,23 @@ def _greedy_kernel(
     tl.store(logprobs_ptr + row, -tl.log(total))
 
 
-def greedy(logits: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(
+    logits: torch.Tensor,
+    block: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [rows] int64, its log-probability [rows] float32) of float32 logits [rows, V].
     `block`: columns per iteration (default: the whole row up to 32768, all loads in flight at
-    once, which matters at batch 1 where one program reads the row)."""
+    once, which matters at batch 1 where one program reads the row). `out`: contiguous
+    (tokens, logprobs) to write instead of new tensors (the decode graphs' fixed buffers)."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if out is None:
+        tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    else:
+        tokens, logprobs = out
+        assert tokens.is_contiguous() and logprobs.is_contiguous()
     block = block or min(triton.next_power_of_2(vocab), 32768)
     if rows:
         _greedy_kernel[(rows,)](
