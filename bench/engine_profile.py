@@ -174,7 +174,6 @@ def throughput(model: str) -> None:
         del llm
         return
     # torch.profiler over a few decode steps of the real loop
-    from torch.profiler import ProfilerActivity, profile
 
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params, stream=False)
@@ -185,19 +184,8 @@ def throughput(model: str) -> None:
     for _ in range(20):
         engine.step()
     sync_debug(engine)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(6):
-            engine.step()
-        torch.cuda.synchronize()
+    prof = profile_steps(engine, 6, "self_cpu_time_total", "6 decode steps at batch 256")
     prof.export_chrome_trace(str(OUT / "decode_steps_trace.json"))
-    print("\ntorch.profiler, 6 decode steps at batch 256, by self CPU time:")
-    print(
-        prof.key_averages().table(
-            sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60
-        )
-    )
-    gaps(prof)
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -239,6 +227,21 @@ def sync_debug(engine, steps: int = 3) -> None:
     print(f"\nsync debug over {steps} steps: {len(seen)} synchronising call sites")
     for (msg, filename, lineno), stack in seen.items():
         print(f"--- {msg} ({filename}:{lineno})\n{stack}")
+
+
+def profile_steps(engine, steps: int, sort_by: str, what: str):
+    """torch.profiler over ``steps`` engine steps: the op table and the device's idle gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(f"\ntorch.profiler, {what}, by {sort_by}:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=60))
+    gaps(prof)
+    return prof
 
 
 def gaps(prof) -> None:
@@ -286,25 +289,13 @@ def batch1(model: str) -> None:
               f"graph {r['graph_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms -> "
               f"{r['latency_ms'] / r['floor_ms']:.2f}x "
               f"(graph {r['graph_ms'] / r['floor_ms']:.2f}x)", flush=True)  # fmt: skip
-    from torch.profiler import ProfilerActivity, profile
 
     engine.add_request(
         "one", prompts[0], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     )
     for _ in range(20):
         engine.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            engine.step()
-        torch.cuda.synchronize()
-    print("\nbatch-1 engine steps (5), by device time:")
-    print(
-        prof.key_averages().table(
-            sort_by="device_time_total", row_limit=25, max_name_column_width=60
-        )
-    )
-    gaps(prof)
+    profile_steps(engine, 5, "device_time_total", "5 batch-1 engine steps")
     while engine.has_unfinished_requests():
         engine.step()
     del llm
@@ -338,19 +329,9 @@ def gemv_bench() -> None:
 
     shapes = {"qkv": (3072, 2048), "o_proj": (2048, 2048), "gate_up": (16384, 2048),
               "down": (2048, 8192), "lm_head": (32000, 2048)}  # fmt: skip
-    copy_bw = None
-    src = torch.randn(2**28, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    copy_bw = 2 * src.numel() * 2 / (sorted(ts)[5] / 1000)
-    del src, dst
+    from engine_throughput import measure_bandwidth
+
+    copy_bw = measure_bandwidth()
     print(f"\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s")
     configs = [(4, 512, 4), (8, 512, 4), (8, 512, 8), (4, 1024, 8), (8, 1024, 8), (16, 512, 8),
                (4, 512, 8), (8, 256, 8), (16, 256, 8), (8, 2048, 16), (4, 2048, 8)]  # fmt: skip

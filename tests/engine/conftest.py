@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import tests.engine.triton_setup  # noqa: F401  (first: the kernels' mode is set at their import)
 from deepflow.engine.block_manager import BlockManager
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.llm_engine import LLMEngine

@@ -8,38 +8,19 @@ bf16 too.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from deepflow.engine import kernels
-from deepflow.engine.device import Device
+from tests.engine.triton_setup import DEVICE, INTERPRET
 
-DEVICE = Device.pick()
 if DEVICE.type == "npu":
     pytest.skip("the Triton kernels target CUDA", allow_module_level=True)
-INTERPRET = not DEVICE.is_accelerator
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-if INTERPRET:
-    import triton.runtime.interpreter as interpreter
 
-    if not getattr(interpreter, "_deepflow_index_patch", False):
-        _patch_tensor = interpreter._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
-            # As in test_kernels.py: Triton 3.6's interpreter int()s one-element arrays.
-            _patch_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interpreter._patch_lang_tensor = _patch_lang_tensor
-        interpreter._deepflow_index_patch = True
-
-from deepflow.engine.kernels.gemv import MAX_ROWS, gemv  # noqa: E402
-from deepflow.engine.kernels.sampling import greedy  # noqa: E402
+from deepflow.engine.kernels.gemv import MAX_ROWS, gemv
+from deepflow.engine.kernels.sampling import greedy
 
 DEV = DEVICE.torch_device
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])

@@ -10,13 +10,10 @@ tolerance (bf16 runs compiled on the device: bench/device_check.py).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from deepflow.engine import kernels
-from deepflow.engine.device import Device
 from deepflow.engine.layers.activation import SiluAndMul
 from deepflow.engine.layers.attention import (
     Attention,
@@ -26,26 +23,11 @@ from deepflow.engine.layers.attention import (
 )
 from deepflow.engine.layers.norm import RMSNorm
 from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from tests.engine.triton_setup import DEVICE, INTERPRET
 
-DEVICE = Device.pick()
 if DEVICE.type == "npu":
     pytest.skip("the Triton kernels target CUDA", allow_module_level=True)
-INTERPRET = not DEVICE.is_accelerator
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-if INTERPRET:
-    import triton.runtime.interpreter as interpreter
-
-    _patch_tensor = interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
-        # Triton 3.6's interpreter holds scalars as one-element arrays and int()s them for loop
-        # bounds, which numpy >= 2.4 refuses: index through the single element instead.
-        _patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = _patch_lang_tensor
 DEV = DEVICE.torch_device
 ATTENTION_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
