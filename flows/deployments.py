@@ -15,16 +15,16 @@ from prefect import Flow
 from prefect.runner import Runner
 
 from deepflow.dispatch import DEPLOYMENT
-from flows.batch import batch_job
-from flows.dag import dag_job
-from flows.finetune import finetune_job
-from flows.serve import serve_job
-from flows.wakeup import submit_when_scheduled
-from flows.warm_pool import WarmPool, install
+from deepflow.flows.batch import batch_job
+from deepflow.flows.dag import dag_job
+from deepflow.flows.deploy import deploy_job
+from deepflow.flows.finetune import finetune_job
+from deepflow.flows.wakeup import submit_when_scheduled
+from deepflow.flows.warm_pool import WarmPool, install
 
 FLOWS: dict[str, Flow[..., Any]] = {
     "dag": dag_job,
-    "serve": serve_job,
+    "deploy": deploy_job,
     "finetune": finetune_job,
     "batch": batch_job,
 }

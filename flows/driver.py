@@ -24,8 +24,8 @@ from prefect.states import Cancelled, Failed, State
 from deepflow.dag import Dag, JobState, TaskState
 from deepflow.store import Database, Job, Task, drive_job, job_dag
 from deepflow.store.types import utcnow
-from workers.execute import StaleAttempt, execute_task
-from workers.prefect_celery import CeleryTaskRunner
+from deepflow.workers.execute import StaleAttempt, execute_task
+from deepflow.workers.prefect_celery import CeleryTaskRunner
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.states import State
 
 from deepflow.dispatch import flow_name
-from flows.jobs import run_job_flow
+from deepflow.flows.jobs import run_job_flow
 
 
 @flow(name=flow_name("finetune"), persist_result=False, log_prints=True)

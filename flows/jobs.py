@@ -19,9 +19,9 @@ from sqlalchemy import select
 from deepflow import dag, store
 from deepflow.config import Settings
 from deepflow.dag import operators
-from flows.driver import JobDriver, final_state, route_by_queue_parameter
-from workers.app import make_app
-from workers.prefect_celery import CeleryTaskRunner
+from deepflow.flows.driver import JobDriver, final_state, route_by_queue_parameter
+from deepflow.workers.app import make_app
+from deepflow.workers.prefect_celery import CeleryTaskRunner
 
 
 def create_job_for_flow_run(

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-PRELOAD = ["flows.warm_pool", "flows.deployments", "prefect.flow_engine"]
+PRELOAD = ["deepflow.flows.warm_pool", "deepflow.flows.deployments", "prefect.flow_engine"]
 """Imported once by the fork server; every warm process starts with them loaded."""
 
 
@@ -47,9 +47,9 @@ def _child(conn: multiprocessing.connection.Connection) -> None:
     flow run it is handed."""
     from prefect.flow_engine import run_flow
 
-    import flows.deployments  # noqa: F401  (the imports are the point)
+    import deepflow.flows.deployments  # noqa: F401  (the imports are the point)
+    from deepflow.flows.jobs import warm_up
     from deepflow.procutil import freeze_heap
-    from flows.jobs import warm_up
 
     try:
         warm_up()

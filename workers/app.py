@@ -18,8 +18,8 @@ from celery.signals import worker_process_init
 
 from deepflow.config import Settings
 from deepflow.procutil import die_with_parent
-from workers import prefect_celery
-from workers.constants import (
+from deepflow.workers import prefect_celery
+from deepflow.workers.constants import (
     FILESYSTEM_POLLING_INTERVAL_S,
     RESULT_EXPIRES_S,
     VISIBILITY_TIMEOUT_S,

@@ -34,8 +34,8 @@ from deepflow.store.logs import write_task_log
 from deepflow.store.orm import Task
 from deepflow.store.tasks import task_context
 from deepflow.store.types import utcnow
-from workers import attempt_log
-from workers.constants import HEARTBEATS_PER_LEASE
+from deepflow.workers import attempt_log
+from deepflow.workers.constants import HEARTBEATS_PER_LEASE
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import sys
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.procutil import freeze_heap
-from workers.app import make_app
-from workers.constants import ACCELERATOR_QUEUES, QUEUES, VISIBLE_DEVICES_ENV
+from deepflow.workers.app import make_app
+from deepflow.workers.constants import ACCELERATOR_QUEUES, QUEUES, VISIBLE_DEVICES_ENV
 
 
 def worker_argv(

@@ -50,7 +50,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from workers.start import start_worker
+    from deepflow.workers.start import start_worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     start_worker(queues, args.device, args.concurrency, args.loglevel)
@@ -58,7 +58,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _flows_serve(args: argparse.Namespace) -> int:
-    from flows.deployments import serve_all
+    from deepflow.flows.deployments import serve_all
 
     serve_all(limit=args.limit, warm=args.warm)
     return 0
@@ -85,7 +85,7 @@ def _reconciler(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from deepflow.engine.daemon.serve import run_from_args
+    from deepflow.engine.daemon.main import run_from_args
 
     return run_from_args(args)
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")
     reconciler.set_defaults(func=_reconciler)
 
-    from deepflow.engine.daemon.serve import add_arguments as add_serve_arguments
+    from deepflow.engine.daemon.main import add_arguments as add_serve_arguments
 
     daemon = sub.add_parser("serve", help="serve one model over OpenAI's API (FlowServe)")
     add_serve_arguments(daemon)

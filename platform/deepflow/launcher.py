@@ -26,12 +26,12 @@ import uvicorn
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from deepflow import quickstart
 from deepflow.api import create_app
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
 from deepflow.procutil import die_with_parent, freeze_heap
-from deepflow.serving import quickstart
-from deepflow.serving.supervisor import Supervisor, stop_local_instances
+from deepflow.replicas.supervisor import Supervisor, stop_local_instances
 from deepflow.store import (
     Database,
     Reconciler,
@@ -320,7 +320,7 @@ def _serve_api(stack: Stack, key: str, model: bool) -> int:
 
 
 def _serve_model(url: str, key: str) -> None:
-    print(f"deploying {quickstart.MODEL} (a serve job launches its engine daemon) ...", flush=True)
+    print(f"deploying {quickstart.MODEL} (a deploy job launches its engine daemon) ...", flush=True)
     try:
         deployment = quickstart.deploy(url, key)
     except Exception as exc:

@@ -20,9 +20,9 @@ from deepflow.store import (
     queue_task,
     set_instance_state,
 )
+from deepflow.workers.execute import execute_task
 from tests.api.conftest import Api
 from tests.browser.metrics_source import MetricsSource
-from workers.execute import execute_task
 
 
 def _noisy(args: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def test_search_filters_counts_pages_and_tenants(api: Api) -> None:
     assert [j["id"] for j in cancelled["data"]] == [jobs[0]["id"]] and cancelled["total"] == 1
     assert cancelled["states"]["pending"] == 4  # the chips count the other states too
     assert _get(api, "/ui/api/jobs", kind="dag")["total"] == 5
-    assert _get(api, "/ui/api/jobs", kind="serve")["total"] == 0
+    assert _get(api, "/ui/api/jobs", kind="deploy")["total"] == 0
     fragment = jobs[2]["id"][-10:]
     assert [j["id"] for j in _get(api, "/ui/api/jobs", q=fragment)["data"]] == [jobs[2]["id"]]
     assert _get(api, "/ui/api/jobs", q="%")["total"] == 0  # no LIKE wildcards from the user

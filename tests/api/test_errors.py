@@ -76,7 +76,7 @@ BAD_BODIES = [
     ),
     ({"kind": "dag", "spec": {"tasks": [_task("a", retries=-1)]}}, "invalid_spec", None),
     ({"kind": "finetune", "spec": {"model": "m"}}, "invalid_spec", "spec.training_file"),
-    ({"kind": "serve", "spec": {"deployment_id": "d", "launch": 1}}, "use_deployments", "kind"),
+    ({"kind": "deploy", "spec": {"deployment_id": "d", "launch": 1}}, "use_deployments", "kind"),
 ]
 
 

@@ -122,7 +122,7 @@ def engine(tiny_model: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One `deepflow serve` shared by the tests that leave it idle when they end."""
-    log = tmp_path_factory.mktemp("daemon_log") / "serve.log"
+    log = tmp_path_factory.mktemp("daemon_log") / "deploy.log"
     command = serve_command(
         tiny_model, "--served-model-name", "tiny", "--num-kv-blocks", "256", "--max-num-seqs", "8"
     )

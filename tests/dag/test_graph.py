@@ -269,7 +269,7 @@ def test_dag_error_is_a_value_error_with_defaults() -> None:
 
 
 def test_known_kinds() -> None:
-    assert set(KINDS) == {"dag", "serve", "finetune", "batch"}
+    assert set(KINDS) == {"dag", "deploy", "finetune", "batch"}
 
 
 def test_unknown_kind() -> None:
@@ -289,7 +289,7 @@ def test_spec_must_be_an_object(kind: str, spec: Any) -> None:
 
 
 def test_serve_launching_three_replicas() -> None:
-    result = plan("serve", {"deployment_id": "dep_1", "launch": 3, "resource_class": "cuda"})
+    result = plan("deploy", {"deployment_id": "dep_1", "launch": 3, "resource_class": "cuda"})
     dag = result.dag
     assert [t.name for t in result.tasks] == [
         "prepare_weights",
@@ -318,7 +318,7 @@ def test_serve_launching_three_replicas() -> None:
     assert rules.pop("update_deployment") is TriggerRule.ALL_DONE
     assert set(rules.values()) == {TriggerRule.ALL_SUCCESS}
     by_name = {t.name: t for t in result.tasks}
-    assert by_name["launch_replica_1"].operator == "serve.launch_replica"
+    assert by_name["launch_replica_1"].operator == "deploy.launch_replica"
     assert by_name["launch_replica_1"].args == {"deployment_id": "dep_1", "replica": 1}
     assert by_name["launch_replica_1"].resource_class is ResourceClass.CUDA
     assert by_name["launch_replica_1"].retries == 2
@@ -327,14 +327,14 @@ def test_serve_launching_three_replicas() -> None:
 
 
 def test_serve_stopping_instances_needs_no_weights() -> None:
-    result = plan("serve", {"deployment_id": "dep_1", "stop": ["inst_a", "inst_b"]})
+    result = plan("deploy", {"deployment_id": "dep_1", "stop": ["inst_a", "inst_b"]})
     assert [t.name for t in result.tasks] == ["stop_0", "stop_1", "update_deployment"]
     assert edges(result.dag) == {("stop_0", "update_deployment"), ("stop_1", "update_deployment")}
     assert result.tasks[1].args == {"instance_id": "inst_b"}
 
 
 def test_serve_that_does_nothing_is_refused() -> None:
-    err = rejected("serve", {"deployment_id": "dep_1"})
+    err = rejected("deploy", {"deployment_id": "dep_1"})
     assert err.code == "invalid_spec"
     assert "launch replicas or stop instances" in str(err)
 
@@ -390,13 +390,13 @@ def test_batch_fans_out_over_shards() -> None:
 @pytest.mark.parametrize(
     ("kind", "spec", "param"),
     [
-        ("serve", {"launch": 1}, "spec.deployment_id"),
-        ("serve", {"deployment_id": ""}, "spec.deployment_id"),
-        ("serve", {"deployment_id": "d", "launch": -1}, "spec.launch"),
-        ("serve", {"deployment_id": "d", "launch": 65}, "spec.launch"),
-        ("serve", {"deployment_id": "d", "launch": "many"}, "spec.launch"),
-        ("serve", {"deployment_id": "d", "stop": "inst_1"}, "spec.stop"),
-        ("serve", {"deployment_id": "d", "launch": 1, "gpus": 2}, "spec.gpus"),
+        ("deploy", {"launch": 1}, "spec.deployment_id"),
+        ("deploy", {"deployment_id": ""}, "spec.deployment_id"),
+        ("deploy", {"deployment_id": "d", "launch": -1}, "spec.launch"),
+        ("deploy", {"deployment_id": "d", "launch": 65}, "spec.launch"),
+        ("deploy", {"deployment_id": "d", "launch": "many"}, "spec.launch"),
+        ("deploy", {"deployment_id": "d", "stop": "inst_1"}, "spec.stop"),
+        ("deploy", {"deployment_id": "d", "launch": 1, "gpus": 2}, "spec.gpus"),
         ("finetune", {"model": "m"}, "spec.training_file"),
         (
             "finetune",
@@ -430,7 +430,7 @@ def test_kinds_reject_bad_specs(kind: str, spec: dict[str, Any], param: str) -> 
 @pytest.mark.parametrize(
     ("kind", "spec"),
     [
-        ("serve", {"deployment_id": "d", "launch": 64, "stop": ["i"]}),
+        ("deploy", {"deployment_id": "d", "launch": 64, "stop": ["i"]}),
         ("finetune", {"model": "m", "training_file": "f", "validation_file": "v"}),
         ("batch", {"model": "m", "input_file": "f", "num_shards": 256}),
     ],

@@ -21,7 +21,7 @@ import redis
 
 from deepflow.config import Settings
 from deepflow.launcher import ApiServer, Stack, free_port
-from deepflow.serving.supervisor import stop_local_instances
+from deepflow.replicas.supervisor import stop_local_instances
 from deepflow.store import Database, create_api_key, schema
 from tests.conftest import create_pg_database, drop_pg_database
 

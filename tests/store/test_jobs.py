@@ -114,7 +114,7 @@ def test_list_jobs_filters_and_pages_newest_first(db: Database) -> None:
         assert [j.id for j in page1.jobs + page2.jobs + page3.jobs] == ids[::-1]
         assert (page1.has_more, page2.has_more, page3.has_more) == (True, True, False)
         assert [j.id for j in list_jobs(s, tenant, state=JobState.CANCELLED).jobs] == [ids[1]]
-        assert list_jobs(s, tenant, kind="serve").jobs == []
+        assert list_jobs(s, tenant, kind="deploy").jobs == []
         with pytest.raises(NotFound):
             list_jobs(s, tenant, after="job_nope")
 

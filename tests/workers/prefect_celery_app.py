@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from workers.prefect_celery import register_task
+from deepflow.workers.prefect_celery import register_task
 
 REDIS_URL = os.environ.get("PREFECT_CELERY_TEST_REDIS", "redis://127.0.0.1:6379/7")
 CONFIG: dict[str, Any] = {

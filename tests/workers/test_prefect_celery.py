@@ -33,9 +33,9 @@ from prefect.exceptions import CancelledRun, ObjectNotFound
 from prefect.futures import PrefectConcurrentFuture, as_completed, wait
 from prefect.states import State
 
+from deepflow.workers.prefect_celery import TASK_NAME, CeleryTaskRunner, register_task
 from tests.workers.conftest import prefect_env
 from tests.workers.prefect_celery_app import REDIS_URL, app, make_files_app
-from workers.prefect_celery import TASK_NAME, CeleryTaskRunner, register_task
 
 pytestmark = pytest.mark.redis
 

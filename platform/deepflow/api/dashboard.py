@@ -157,7 +157,7 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
 
 @router.get("/ui/api/deployments/{deployment_id}/events", response_model=EventList)
 def list_deployment_events(deployment_id: str, tenant: CurrentTenant, db: DB) -> EventList:
-    """The deployment's scaling history (its, its instances' and its serve jobs' events)."""
+    """The deployment's scaling history (its, its instances' and its deploy jobs' events)."""
     with db.transaction() as session:
         events = views.deployment_events(session, tenant.id, deployment_id)
         return EventList(data=[EventResponse.of(e) for e in events], has_more=False)

@@ -1,5 +1,5 @@
 """Serving deployments: create, list, read, scale, delete. Every change is carried out by a
-``serve`` job (``deepflow.serving.converge``), so it shows up as a job with its DAG."""
+``serve`` job (``deepflow.replicas.converge``), so it shows up as a job with its DAG."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deepflow import store
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.errors import APIError
 from deepflow.dag.spec import ResourceClass
-from deepflow.serving.converge import converge
+from deepflow.replicas.converge import converge
 from deepflow.store import Deployment, DeploymentState, Instance, ModelVersionState
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
@@ -142,7 +142,7 @@ def _model_path(session: Any, tenant_id: str, name: str) -> str:
 def create_deployment(
     body: DeploymentCreate, request: Request, tenant: CurrentTenant, db: DB
 ) -> DeploymentResponse:
-    """Deploy a registered model; a serve job launches its replicas."""
+    """Deploy a registered model; a deploy job launches its replicas."""
     with db.transaction() as session:
         deployment = store.create_deployment(
             session,
@@ -193,7 +193,7 @@ def scale_deployment(
 def delete_deployment(
     deployment_id: str, request: Request, tenant: CurrentTenant, db: DB
 ) -> DeploymentResponse:
-    """Stop every instance (a serve job drains them), then the deployment is ``deleted``."""
+    """Stop every instance (a deploy job drains them), then the deployment is ``deleted``."""
     with db.transaction() as session:
         d = store.read_deployment(session, tenant.id, deployment_id)
         if d.state not in (DeploymentState.DELETING, DeploymentState.DELETED):

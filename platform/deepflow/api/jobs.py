@@ -29,10 +29,10 @@ def create_job(
 ) -> JobResponse:
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
     idempotency key replays an earlier request."""
-    if body.kind == "serve":
+    if body.kind == "deploy":
         raise APIError(
             400,
-            "serve jobs are made by the deployments API: POST /v1/deployments",
+            "deploy jobs are made by the deployments API: POST /v1/deployments",
             param="kind",
             code="use_deployments",
         )

@@ -1,6 +1,6 @@
 """Job kinds and how each decomposes into a task DAG.
 
-``dag`` takes the user's tasks as declared. ``serve``, ``finetune`` and ``batch`` take a
+``dag`` takes the user's tasks as declared. ``deploy``, ``finetune`` and ``batch`` take a
 small spec and generate their DAG's shape here; their operators are declared by name and
 implemented by the serving, fine-tuning and batch modules.
 """
@@ -20,8 +20,8 @@ from deepflow.dag.spec import DagJobSpec, ResourceClass, TaskSpec
 from deepflow.dag.trigger_rules import TriggerRule
 
 
-class ServeSpec(BaseModel):
-    """One step of a deployment's convergence (``deepflow.serving.converge`` writes these):
+class DeploySpec(BaseModel):
+    """One step of a deployment's convergence (``deepflow.replicas.converge`` writes these):
     launch ``launch`` more replicas and/or stop the instances in ``stop``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -34,9 +34,9 @@ class ServeSpec(BaseModel):
     reason: str = Field(default="", max_length=200)
 
     @model_validator(mode="after")
-    def _does_something(self) -> ServeSpec:
+    def _does_something(self) -> DeploySpec:
         if not self.launch and not self.stop:
-            raise ValueError("a serve job must launch replicas or stop instances")
+            raise ValueError("a deploy job must launch replicas or stop instances")
         return self
 
 
@@ -72,18 +72,18 @@ def _dag_tasks(spec: DagJobSpec) -> list[TaskSpec]:
     return list(spec.tasks)
 
 
-def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
+def _deploy_tasks(spec: DeploySpec) -> list[TaskSpec]:
     target = {"deployment_id": spec.deployment_id}
     tasks: list[TaskSpec] = []
     if spec.launch:
         tasks.append(
-            TaskSpec(name="prepare_weights", operator="serve.prepare_weights", args=target)
+            TaskSpec(name="prepare_weights", operator="deploy.prepare_weights", args=target)
         )
     for i in range(spec.launch):
         tasks.append(
             TaskSpec(
                 name=f"launch_replica_{i}",
-                operator="serve.launch_replica",
+                operator="deploy.launch_replica",
                 args={**target, "replica": i},
                 depends_on=["prepare_weights"],
                 resource_class=spec.resource_class,
@@ -93,7 +93,7 @@ def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
         tasks.append(
             TaskSpec(
                 name=f"health_check_{i}",
-                operator="serve.health_check",
+                operator="deploy.health_check",
                 args={"replica": i},
                 depends_on=[f"launch_replica_{i}"],
             )
@@ -101,13 +101,13 @@ def _serve_tasks(spec: ServeSpec) -> list[TaskSpec]:
     for k, instance_id in enumerate(spec.stop):
         tasks.append(
             TaskSpec(
-                name=f"stop_{k}", operator="serve.stop_instance", args={"instance_id": instance_id}
+                name=f"stop_{k}", operator="deploy.stop_instance", args={"instance_id": instance_id}
             )
         )
     tasks.append(
         TaskSpec(
             name="update_deployment",
-            operator="serve.update_deployment",
+            operator="deploy.update_deployment",
             args=target,
             depends_on=[t.name for t in tasks if t.name.startswith(("health_check_", "stop_"))],
             # Settles the deployment on whatever came up or stopped (failed if nothing did).
@@ -181,18 +181,18 @@ KINDS: dict[str, JobKind] = {
     k.name: k
     for k in (
         JobKind("dag", DagJobSpec, _dag_tasks),
-        JobKind("serve", ServeSpec, _serve_tasks),
+        JobKind("deploy", DeploySpec, _deploy_tasks),
         JobKind("finetune", FinetuneSpec, _finetune_tasks),
         JobKind("batch", BatchSpec, _batch_tasks),
     )
 }
 
 for _name, _what in [
-    ("serve.prepare_weights", "Checks a model folder and reads it into the page cache."),
-    ("serve.launch_replica", "Starts one FlowServe engine daemon."),
-    ("serve.health_check", "Waits until a replica answers its health check."),
-    ("serve.stop_instance", "Drains an instance and waits until it exited."),
-    ("serve.update_deployment", "Settles the deployment's state on its live instances."),
+    ("deploy.prepare_weights", "Checks a model folder and reads it into the page cache."),
+    ("deploy.launch_replica", "Starts one FlowServe engine daemon."),
+    ("deploy.health_check", "Waits until a replica answers its health check."),
+    ("deploy.stop_instance", "Drains an instance and waits until it exited."),
+    ("deploy.update_deployment", "Settles the deployment's state on its live instances."),
     ("finetune.validate_data", "Checks the training file."),
     ("finetune.train", "Runs the fine-tuning loop."),
     ("finetune.evaluate", "Scores the trained weights."),

@@ -80,7 +80,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-BUILTIN_PLUGINS = ("deepflow.serving.operators",)
+BUILTIN_PLUGINS = ("deepflow.replicas.operators",)
 """The platform's own operator modules (serving), loaded with any the settings name."""
 
 

@@ -141,7 +141,7 @@ def deployment_events(
     session: Session, tenant_id: str, deployment_id: str, limit: int = 200
 ) -> list[Event]:
     """A deployment's scaling history, oldest first: its own events, its instances' (created,
-    ready, draining, stopped, failed) and those of the serve jobs that launched them or
+    ready, draining, stopped, failed) and those of the deploy jobs that launched them or
     change it now. Raises NotFound for another tenant's deployment."""
     deployment = read_deployment(session, tenant_id, deployment_id)
     instances = deployment_instances(session, deployment_id)

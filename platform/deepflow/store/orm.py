@@ -263,7 +263,7 @@ class Deployment(Base):
     """Gateway routing: round_robin | least_outstanding_tokens | prefix_cache_aware."""
     engine_args: Mapped[dict[str, Any]]
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
-    """The serve job converging its instances now (or last)."""
+    """The deploy job converging its instances now (or last)."""
     state: Mapped[DeploymentState] = mapped_column(
         _enum(DeploymentState, "deployment_state"), default=DeploymentState.CREATING
     )

@@ -36,7 +36,7 @@ function instancesTable(instances, now) {
       h("td", {}, since(i.heartbeat_at, now))))));
 }
 
-/** The deployment's scaling history (its, its instances' and its serve jobs' events). */
+/** The deployment's scaling history (its, its instances' and its deploy jobs' events). */
 function eventsTimeline(events) {
   const shown = events.filter((e) => e.entity_type !== "task");
   if (!shown.length) return h("p", { class: "muted" }, "No scaling events yet.");
@@ -90,7 +90,7 @@ export function mount(main, ctx) {
         h("h2", {}, dep.model), badge(dep.state),
         h("span", { class: "muted" }, `${ready}/${dep.replicas} ready · ${dep.policy} · ${dep.resource_class}`),
         h("div", { class: "spacer" }),
-        dep.job_id ? h("a", { href: `#/jobs/${dep.job_id}` }, "serve job ›") : null,
+        dep.job_id ? h("a", { href: `#/jobs/${dep.job_id}` }, "deploy job ›") : null,
         h("a", { href: `#/metrics?deployment=${encodeURIComponent(dep.id)}` }, "metrics ›")),
       instancesTable(dep.instances, now),
       h("div", { class: "charts three" }, deploymentCharts(metrics.data, `${dep.id}-`)),
@@ -105,7 +105,7 @@ export function mount(main, ctx) {
         const now = Date.now();
         const cards = await Promise.all(deps.map((d) => card(d, now)));
         put(body, cards.length ? cards : h("div", { class: "card empty", id: "no-deployments" },
-          "No deployments yet. A ", h("code", {}, "serve"), " job starts one: ", h("a", { href: "#/jobs" }, "create it from the jobs page"), "."));
+          "No deployments yet. A ", h("code", {}, "deploy"), " job starts one: ", h("a", { href: "#/jobs" }, "create it from the jobs page"), "."));
       } catch (err) {
         put(body, errorBox(err));
       }

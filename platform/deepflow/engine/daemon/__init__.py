@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deepflow.engine.daemon.app import build_app
-    from deepflow.engine.daemon.serve import main, run_daemon
+    from deepflow.engine.daemon.main import main, run_daemon
 
 __all__ = ["build_app", "main", "run_daemon"]
 
-_MODULES = {"build_app": "app", "main": "serve", "run_daemon": "serve"}
+_MODULES = {"build_app": "app", "main": "main", "run_daemon": "main"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 import sys
 
-from deepflow.engine.daemon.serve import main
+from deepflow.engine.daemon.main import main
 
 sys.exit(main())

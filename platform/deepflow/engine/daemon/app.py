@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse, Response
 
 from deepflow.engine.async_engine import AsyncLLMEngine
 from deepflow.engine.daemon import chat, completions
+from deepflow.engine.daemon.engine_server import EngineServer
 from deepflow.engine.daemon.errors import error_response, install_error_handlers
-from deepflow.engine.daemon.serving import EngineServer
 
 DEFAULT_MAX_WAITING = 1024
 

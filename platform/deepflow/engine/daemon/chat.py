@@ -13,6 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from deepflow.engine.async_engine import EngineDeadError
+from deepflow.engine.daemon.engine_server import (
+    Admitted,
+    ClientGone,
+    EngineServer,
+    collect_or_abort,
+    engine_dead,
+)
 from deepflow.engine.daemon.errors import bad_request
 from deepflow.engine.daemon.formatting import (
     DONE,
@@ -27,13 +34,6 @@ from deepflow.engine.daemon.formatting import (
     usage,
 )
 from deepflow.engine.daemon.protocol import ChatCompletionRequest
-from deepflow.engine.daemon.serving import (
-    Admitted,
-    ClientGone,
-    EngineServer,
-    collect_or_abort,
-    engine_dead,
-)
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
 
 router = APIRouter()

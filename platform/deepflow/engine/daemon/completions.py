@@ -12,6 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from deepflow.engine.async_engine import EngineDeadError
+from deepflow.engine.daemon.engine_server import (
+    Admitted,
+    ClientGone,
+    EngineServer,
+    collect_or_abort,
+    engine_dead,
+)
 from deepflow.engine.daemon.formatting import (
     DONE,
     ChoiceState,
@@ -25,13 +32,6 @@ from deepflow.engine.daemon.formatting import (
     usage,
 )
 from deepflow.engine.daemon.protocol import CompletionRequest
-from deepflow.engine.daemon.serving import (
-    Admitted,
-    ClientGone,
-    EngineServer,
-    collect_or_abort,
-    engine_dead,
-)
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
 
 router = APIRouter()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from deepflow.engine.daemon.engine_server import Admitted
 from deepflow.engine.daemon.errors import error_body
-from deepflow.engine.daemon.serving import Admitted
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
 from deepflow.engine.sampler import Logprob
 from deepflow.streaming import ClosingStreamingResponse

@@ -1,9 +1,9 @@
 """Deployments converge on their replica count through ``serve`` jobs.
 
 The deployment row holds what users asked for; instances are what runs. ``converge`` compares
-the two and, when they differ and no serve job of the deployment is still running, creates
+the two and, when they differ and no deploy job of the deployment is still running, creates
 one that launches the missing replicas or stops the surplus. The API calls it on create,
-scale and delete; the supervisor (``deepflow.serving.supervisor``) calls it after an
+scale and delete; the supervisor (``deepflow.replicas.supervisor``) calls it after an
 instance dies. ``settle`` moves the deployment's own state once a job has done its part.
 """
 
@@ -41,7 +41,7 @@ def _desired(deployment: Deployment) -> int:
 
 
 def _change_needed(session: Session, deployment: Deployment) -> dict[str, Any] | None:
-    """The serve job spec that closes the gap between asked-for and live, or None."""
+    """The deploy job spec that closes the gap between asked-for and live, or None."""
     live = deployment_instances(session, deployment.id, live_only=True)
     desired = _desired(deployment)
     if len(live) < desired:
@@ -56,7 +56,7 @@ def _change_needed(session: Session, deployment: Deployment) -> dict[str, Any] |
 def converge(
     db: Database, dispatcher: Dispatcher | None, deployment_id: str, reason: str
 ) -> str | None:
-    """Start a serve job for the deployment if it needs one and none is running; returns the
+    """Start a deploy job for the deployment if it needs one and none is running; returns the
     new job's id."""
     with db.transaction() as session:
         deployment = lock(session, Deployment, deployment_id)
@@ -71,16 +71,16 @@ def converge(
             return None
         spec["resource_class"] = deployment.resource_class.value
         spec["reason"] = reason
-        job, _ = create_job(session, deployment.tenant_id, dag.plan("serve", spec), "serve", None)
+        job, _ = create_job(session, deployment.tenant_id, dag.plan("deploy", spec), "deploy", None)
         deployment.job_id = job.id
         job_id = job.id
     if dispatcher is not None:
-        dispatcher.try_dispatch(job_id, "serve")
+        dispatcher.try_dispatch(job_id, "deploy")
     return job_id
 
 
 def settle(session: Session, deployment_id: str) -> dict[str, Any]:
-    """Move the deployment's state to match its instances (the serve job's last task)."""
+    """Move the deployment's state to match its instances (the deploy job's last task)."""
     deployment = lock(session, Deployment, deployment_id)
     instances = deployment_instances(session, deployment_id, live_only=True)
     ready = sum(i.state is InstanceState.READY for i in instances)

@@ -1,6 +1,6 @@
-"""Deployments end to end on real processes: serve jobs launch engine daemons through the
+"""Deployments end to end on real processes: deploy jobs launch engine daemons through the
 Celery worker, the gateway routes the official openai client to them, a killed instance is
-replaced, and scaling and deleting go through serve jobs too."""
+replaced, and scaling and deleting go through deploy jobs too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Platform
-from tests.serving.conftest import MODEL, deployment, wait_deployment
+from tests.replicas.conftest import MODEL, deployment, wait_deployment
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,7 +46,7 @@ def test_deployment_runs_its_replicas_as_daemons(
         assert httpx.get(f"{instance['address']}/health").json()["status"] == "ok"
         os.kill(instance["pid"], 0)  # alive
     job = serving.job(deployed["job_id"])
-    assert job["kind"] == "serve" and job["state"] == "succeeded"
+    assert job["kind"] == "deploy" and job["state"] == "succeeded"
     assert {t["name"] for t in job["tasks"]} >= {"launch_replica_0", "launch_replica_1"}
 
 
@@ -140,7 +140,7 @@ def test_killed_instance_is_replaced(serving: Platform, deployed: dict[str, Any]
     d = wait_deployment(serving, deployed["id"], "ready", ready=2)
     states = {i["id"]: i["state"] for i in d["instances"]}
     assert states[victim["id"]] == "failed"
-    assert d["job_id"] != deployed["job_id"]  # a new serve job launched the replacement
+    assert d["job_id"] != deployed["job_id"]  # a new deploy job launched the replacement
     assert serving.wait(d["job_id"])["state"] == "succeeded"
 
 

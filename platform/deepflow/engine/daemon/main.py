@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deepflow.engine.daemon.serving import EngineServer
+    from deepflow.engine.daemon.engine_server import EngineServer
 
 DEFAULT_PORT = 8100
 DEFAULT_DRAIN_TIMEOUT_S = 30.0

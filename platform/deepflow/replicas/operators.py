@@ -23,7 +23,7 @@ import httpx
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed, register
 from deepflow.procutil import signal_alive, wait_gone
-from deepflow.serving import converge
+from deepflow.replicas import converge
 from deepflow.store import (
     Database,
     Deployment,
@@ -34,7 +34,7 @@ from deepflow.store import (
     set_instance_state,
 )
 from deepflow.store.types import utcnow
-from workers.constants import VISIBLE_DEVICES_ENV
+from deepflow.workers.constants import VISIBLE_DEVICES_ENV
 
 LAUNCH_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 60.0
@@ -214,22 +214,22 @@ def update_deployment(args: dict[str, Any]) -> dict[str, Any]:
 
 
 for _op in (
-    Operator("serve.prepare_weights", prepare_weights, description=prepare_weights.__doc__ or ""),
+    Operator("deploy.prepare_weights", prepare_weights, description=prepare_weights.__doc__ or ""),
     Operator(
-        "serve.launch_replica",
+        "deploy.launch_replica",
         launch_replica,
         description=launch_replica.__doc__ or "",
         takes_context=True,
     ),
     Operator(
-        "serve.health_check",
+        "deploy.health_check",
         health_check,
         description=health_check.__doc__ or "",
         takes_context=True,
     ),
-    Operator("serve.stop_instance", stop_instance, description=stop_instance.__doc__ or ""),
+    Operator("deploy.stop_instance", stop_instance, description=stop_instance.__doc__ or ""),
     Operator(
-        "serve.update_deployment", update_deployment, description=update_deployment.__doc__ or ""
+        "deploy.update_deployment", update_deployment, description=update_deployment.__doc__ or ""
     ),
 ):
     register(_op)

@@ -12,12 +12,12 @@ from prefect import flow
 from prefect.states import State
 
 from deepflow.dispatch import flow_name
-from flows.jobs import run_job_flow
+from deepflow.flows.jobs import run_job_flow
 
 
-@flow(name=flow_name("serve"), persist_result=False, log_prints=True)
-def serve_job(
+@flow(name=flow_name("deploy"), persist_result=False, log_prints=True)
+def deploy_job(
     job_id: str | None = None, spec: dict[str, Any] | None = None, tenant: str = "default"
 ) -> State[Any] | dict[str, Any] | None:
     """Pass ``job_id`` (our API does), or ``spec`` and ``tenant`` (Prefect's API, a schedule)."""
-    return run_job_flow("serve", job_id, spec, tenant)
+    return run_job_flow("deploy", job_id, spec, tenant)

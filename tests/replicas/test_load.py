@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Platform
-from tests.serving.conftest import MODEL, deployment, wait_deployment
+from tests.replicas.conftest import MODEL, deployment, wait_deployment
 
 pytestmark = pytest.mark.timeout(400)
 

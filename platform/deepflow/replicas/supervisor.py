@@ -23,7 +23,7 @@ from sqlalchemy import select
 from deepflow.dag import JobState
 from deepflow.dispatch import Dispatcher
 from deepflow.procutil import signal_alive
-from deepflow.serving.converge import converge, record_load, settle
+from deepflow.replicas.converge import converge, record_load, settle
 from deepflow.store import (
     Database,
     Deployment,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MISSES_TO_FAIL = 3
 PROBE_TIMEOUT_S = 2.0
 RETRY_AFTER_FAILED_JOB_S = 30.0
-"""A deployment whose last serve job failed is tried again only after this long; a failed
+"""A deployment whose last deploy job failed is tried again only after this long; a failed
 deployment (nothing ever came up) only when a user scales it."""
 
 
@@ -95,7 +95,7 @@ class Supervisor:
         backoff = utcnow() - timedelta(seconds=RETRY_AFTER_FAILED_JOB_S)
         for deployment_id, job_state, finished_at in rows:
             if job_state is not None and not job_state.is_terminal:
-                continue  # its serve job settles it when done
+                continue  # its deploy job settles it when done
             if job_state is JobState.FAILED and finished_at is not None and finished_at > backoff:
                 continue
             with self.db.transaction() as session:
