@@ -88,7 +88,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
     inner: list[float] = []
     try:
         stack.start_prefect_server()
-        stack.start_flow_runner()
+        stack.start_prefect_worker()
         for _ in range(2):
             stack.start_worker("cpu", concurrency=1)
         db = Database(stack.settings.database_url)

@@ -1,21 +1,15 @@
 """Warm flow-run processes: each job's flow run starts in a process that has already imported
 Prefect, our flows, the store and Celery, and connected to the database and the broker.
 
-Prefect's runner starts every flow run of a served flow in a fresh spawned process
-(``run_flow_in_subprocess``), which spends most of its first two seconds importing. Here
+A flow run in a fresh interpreter spends most of its first two seconds importing. Here
 ``size`` processes are made ahead of time, each forked from a fork server that imported
-everything once (``multiprocessing``'s ``forkserver`` context with those modules
-preloaded), so a new one costs a fork and a connection, not seconds of imports competing
-with the jobs already running. Each waits on a pipe for exactly one flow run, runs it the
-way Prefect's own child does (control channel, settings from the environment, engine
-signal handling) and exits: every flow run still has a process of its own. The runner gets
-a real ``multiprocessing`` process, so its cancellation, kill and exit-code handling are
-unchanged; a replacement is made in the background as soon as one is taken.
-
-Prefect's ``DirectSubprocessStarter`` looks ``run_flow_in_subprocess`` up in its module on
-every start ("patch the module to override", its docstring says); ``install`` does that. The
-hook is Prefect-internal, which is why ``prefect`` is pinned below 3.9 and
-``tests/workers/test_warm_pool.py`` checks the runner really uses it.
+everything once (``multiprocessing``'s ``forkserver`` context with those modules preloaded),
+so a new one costs a fork and a connection, not seconds of imports competing with the jobs
+already running. Each waits on a pipe for exactly one flow run, runs it the way Prefect's
+documentation runs a flow run by hand (``prefect.flow_engine.run_flow`` inside
+``prefect.engine.handle_engine_signals``) and exits: every flow run still has a process of
+its own, which the worker can kill. A replacement is made in the background as soon as one
+is taken. Only public names of Prefect are used (``tests/test_prefect_public_api.py``).
 """
 
 from __future__ import annotations
@@ -25,29 +19,24 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
-from contextlib import AbstractContextManager, nullcontext
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cloudpickle
 
 if TYPE_CHECKING:
-    from prefect import Flow
     from prefect.client.schemas.objects import FlowRun
 
 log = logging.getLogger(__name__)
 
 
-PRELOAD = ["deepflow.flows.warm_pool", "deepflow.flows.deployments", "prefect.flow_engine"]
+PRELOAD = ["deepflow.flows.warm_pool", "deepflow.flows.registry", "prefect.flow_engine"]
 """Imported once by the fork server; every warm process starts with them loaded."""
 
 
 def _child(conn: multiprocessing.connection.Connection) -> None:
     """A warm process: import everything and connect (database, broker), then run the one
     flow run it is handed."""
-    from prefect.flow_engine import run_flow
-
-    import deepflow.flows.deployments  # noqa: F401  (the imports are the point)
     from deepflow.flows.jobs import warm_up
     from deepflow.procutil import freeze_heap
 
@@ -58,43 +47,39 @@ def _child(conn: multiprocessing.connection.Connection) -> None:
     freeze_heap()
     try:
         payload = conn.recv_bytes()
-    except (EOFError, OSError):  # the pool closed, or the runner died
+    except (EOFError, OSError):  # the pool closed, or the worker died
         return
-    flow, flow_run, env, context = cloudpickle.loads(payload)
-    _run_like_prefect(run_flow, flow, flow_run, env, context)
+    flow_name, flow_run, env = cloudpickle.loads(payload)
+    run_flow_run(flow_name, flow_run, env)
 
 
-def _run_like_prefect(
-    run_flow: Any, flow: Flow[..., Any], flow_run: FlowRun, env: dict[str, str | None], context: Any
-) -> None:
-    """What Prefect's own flow-run child does, after its imports."""
-    import asyncio
+def run_flow_run(flow_name: str, flow_run: FlowRun, env: dict[str, str]) -> None:
+    """Run ``flow_run`` of our flow ``flow_name`` in this process, under ``env``.
 
-    from prefect._internal.control_listener import configure_from_env
+    The process's Prefect settings were read from the worker's environment at fork time; the
+    flow run's environment is the worker's plus the run's own ``PREFECT__*`` identifiers, so
+    settings are rebuilt only when the run's job variables change a real setting."""
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.flow_engine import handle_engine_signals
-    from prefect.settings.models.root import Settings
+    from prefect.engine import handle_engine_signals
+    from prefect.flow_engine import run_flow
+    from prefect.settings import Settings
 
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
+    from deepflow.flows.registry import BY_FLOW_NAME
+
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    os.environ.update(changed)
+    flow = BY_FLOW_NAME[flow_name]
+    with handle_engine_signals(flow_run.id):
+        if any(k.startswith("PREFECT_") and not k.startswith("PREFECT__") for k in changed):
+            profile = get_settings_context().profile
+            with SettingsContext(profile=profile, settings=Settings()):
+                run_flow(flow, flow_run=flow_run)
         else:
-            os.environ[key] = value
-    os.environ["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
-    configure_from_env()  # consumes the control-channel port and token
-    settings: AbstractContextManager[Any] = nullcontext()
-    if any(k.startswith("PREFECT_") and not k.startswith("PREFECT__") for k in env):
-        # a setting changed: build settings again (slow: hundreds of pydantic models)
-        profile = get_settings_context().profile
-        settings = SettingsContext(profile=profile, settings=Settings())
-    with settings, handle_engine_signals(flow_run.id):
-        result = run_flow(flow, flow_run=flow_run, context=context)
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
+            run_flow(flow, flow_run=flow_run)
 
 
 class WarmPool:
-    """Keeps ``size`` warm processes ready; ``start_flow_run`` hands one a flow run."""
+    """Keeps ``size`` warm processes ready; ``start`` hands one a flow run."""
 
     def __init__(self, size: int = 1) -> None:
         self.size = size
@@ -127,26 +112,13 @@ class WarmPool:
                 conn.close()
             return self._make()  # none idle: a fresh fork still beats nothing
 
-    def start_flow_run(
-        self,
-        flow: Flow[..., Any],
-        flow_run: FlowRun | None = None,
-        env: dict[str, str | None] | None = None,
-        **_: Any,
-    ) -> BaseProcess:
-        """Same contract as Prefect's ``run_flow_in_subprocess``: a started process running
-        ``flow_run``."""
-        from prefect.context import serialize_context
-
+    def start(self, flow_name: str, flow_run: FlowRun, env: dict[str, str]) -> BaseProcess:
+        """A started process running ``flow_run`` of the flow named ``flow_name``."""
         process, conn = self._take()
-        context = serialize_context()
-        # The warm process has settings of its own, from the same environment (and builds
-        # them again if the run's environment changes one). Hydrating the runner's would
-        # rebuild hundreds of pydantic models: a third of a second before every flow run.
-        context.pop("settings_context", None)
-        conn.send_bytes(cloudpickle.dumps((flow, flow_run, dict(env or {}), context)))
+        conn.send_bytes(cloudpickle.dumps((flow_name, flow_run, env)))
         conn.close()
-        threading.Thread(target=self.fill, name="warm-pool-fill", daemon=True).start()
+        if self.size:
+            threading.Thread(target=self.fill, name="warm-pool-fill", daemon=True).start()
         return process
 
     def close(self) -> None:
@@ -159,10 +131,3 @@ class WarmPool:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
-
-
-def install(pool: WarmPool) -> None:
-    """Make Prefect's runner start flow runs of served flows through ``pool``."""
-    from prefect.runner import _starter_direct
-
-    _starter_direct.run_flow_in_subprocess = pool.start_flow_run  # type: ignore[assignment]

@@ -85,7 +85,7 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         banner = "".join(lines)
         key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
         flat = re.sub(r"\s+", " ", banner)
-        for part in ("lease reconciler", "prefect server", "flow runner", "cpu worker 0"):
+        for part in ("lease reconciler", "prefect server", "prefect worker", "cpu worker 0"):
             assert f"{part} healthy" in flat, banner
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/health").json() == {"status": "ok"}

@@ -57,10 +57,10 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flows_serve(args: argparse.Namespace) -> int:
-    from deepflow.flows.deployments import serve_all
+def _prefect_worker(args: argparse.Namespace) -> int:
+    from deepflow.flows.worker import run_worker
 
-    serve_all(limit=args.limit, warm=args.warm)
+    run_worker(limit=args.limit, warm=args.warm)
     return 0
 
 
@@ -138,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=_worker)
 
-    flows = sub.add_parser("flows", help="Prefect flows").add_subparsers(
-        dest="flows_command", required=True
+    prefect_worker = sub.add_parser(
+        "prefect-worker",
+        help="the Prefect worker of the 'deepflow' work pool: runs every job's flow run",
     )
-    serve = flows.add_parser("serve", help="register and run the job-kind deployments")
-    serve.add_argument("--limit", type=int, default=None, help="most flow runs at once")
-    serve.add_argument(
+    prefect_worker.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+    prefect_worker.add_argument(
         "--warm", type=int, default=1, help="flow-run processes kept imported and ready (0: none)"
     )
-    serve.set_defaults(func=_flows_serve)
+    prefect_worker.set_defaults(func=_prefect_worker)
 
     reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")
     reconciler.set_defaults(func=_reconciler)

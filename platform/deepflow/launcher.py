@@ -155,9 +155,9 @@ class Stack:
     def env(self) -> dict[str, str]:
         env = {
             **os.environ,
-            # Prefect's runner looks for new flow runs every 10 s by default: a job would wait
-            # that long to start.
-            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            # A flow run starts when its Scheduled event wakes the worker; the worker's own
+            # poll (10 s by default) is the fallback for a lost event.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
             **self.settings.to_env(),
             **self.extra_env,
         }
@@ -195,9 +195,9 @@ class Stack:
         self.settings = dataclasses.replace(self.settings, prefect_api_url=url)
         return url
 
-    def start_flow_runner(self, timeout_s: float = 120.0) -> Part:
-        """Start the runner and wait until it has registered our deployments."""
-        part = self._start("flow runner", _deepflow("flows", "serve"))
+    def start_prefect_worker(self, timeout_s: float = 120.0) -> Part:
+        """Start the Prefect worker and wait until it has applied our deployments."""
+        part = self._start("prefect worker", _deepflow("prefect-worker"))
         url = f"{self.settings.prefect_api_url}/deployments/name/{deployment_name('dag')}"
         wait_healthy(url, part, timeout_s)
         return part
@@ -298,7 +298,7 @@ def up(
         else:
             print(f"starting a Prefect server (log in {stack.logs}) ...", flush=True)
             stack.start_prefect_server()
-        stack.start_flow_runner()
+        stack.start_prefect_worker()
         stack.start_worker("cpu")
         return _serve_api(stack, key, model)
     finally:

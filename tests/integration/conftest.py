@@ -1,4 +1,4 @@
-"""A whole platform of real processes per test module: a Prefect server, the flow runner,
+"""A whole platform of real processes per test module: a Prefect server, the Prefect worker,
 Celery workers, and the API with its reconciler and dispatcher (in this process).
 
 Two flavours: ``embedded`` (SQLite and kombu's filesystem broker, what ``deepflow up`` runs)
@@ -70,11 +70,11 @@ class Platform:
 
 @contextmanager
 def platform_up(
-    flavour: str, home: Path, workers: int = 2, runner_poll_s: int = 1
+    flavour: str, home: Path, workers: int = 2, worker_poll_s: int = 1
 ) -> Iterator[Platform]:
     """A platform of real processes: ``embedded`` (SQLite, filesystem broker) or ``redis``
-    (PostgreSQL, Redis). ``runner_poll_s``: how often Prefect's runner looks for flow runs
-    besides being woken by their events."""
+    (PostgreSQL, Redis). ``worker_poll_s``: how often the Prefect worker polls its pool
+    for flow runs besides being woken by their events."""
     if flavour == "embedded":
         database_url, broker_url = f"sqlite:///{home / 'deepflow.db'}", "filesystem://"
     else:
@@ -94,7 +94,7 @@ def platform_up(
     extra_env = {
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        "PREFECT_RUNNER_POLL_FREQUENCY": str(runner_poll_s),
+        "PREFECT_WORKER_QUERY_SECONDS": str(worker_poll_s),
         "PREFECT_UI_ENABLED": "false",
     }
     stack = Stack(settings, extra_env)
@@ -102,7 +102,7 @@ def platform_up(
     try:
         stack.start_prefect_server()
         settings = stack.settings
-        stack.start_flow_runner()
+        stack.start_prefect_worker()
         stack.start_worker("cpu", concurrency=workers)
         db = Database(settings.database_url)
         with db.transaction() as s:

@@ -20,8 +20,8 @@ from tests.integration.conftest import Platform, platform_up
 pytestmark = pytest.mark.timeout(240)
 
 NO_POLL_S = 3600
-"""The runner polls once at its start, then not for an hour: here every job's flow run is
-started because its Scheduled event woke the runner (``flows.wakeup``)."""
+"""The Prefect worker polls once at its start, then not for an hour: here every job's flow run
+is started because its Scheduled event woke the worker (``deepflow.flows.wakeup``)."""
 
 
 @pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
@@ -29,7 +29,7 @@ def platform(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     home = tmp_path_factory.mktemp(f"orchestration-{request.param}")
-    with platform_up(request.param, home, runner_poll_s=NO_POLL_S) as p:
+    with platform_up(request.param, home, worker_poll_s=NO_POLL_S) as p:
         yield p
 
 
@@ -228,29 +228,29 @@ def _descendants(pid: int) -> set[int]:
 
 
 def test_flow_runs_start_in_a_process_warmed_before_the_job(platform: Platform) -> None:
-    """The runner hands each flow run to a process made (forked from its fork server, which
+    """The worker hands each flow run to a process made (forked from its fork server, which
     imported everything) ahead of time, and makes a replacement."""
-    (runner,) = [p for p in platform.stack.parts if p.name == "flow runner"]
-    assert runner.proc is not None
+    (worker,) = [p for p in platform.stack.parts if p.name == "prefect worker"]
+    assert worker.proc is not None
     deadline = time.monotonic() + 60
-    while not (before := _descendants(runner.proc.pid)):
-        assert time.monotonic() < deadline, "the runner made no warm process"
+    while not (before := _descendants(worker.proc.pid)):
+        assert time.monotonic() < deadline, "the worker made no warm process"
         time.sleep(0.2)
     time.sleep(1)  # let a replacement made for an earlier test's flow run settle
-    before = _descendants(runner.proc.pid)
+    before = _descendants(worker.proc.pid)
     job = platform.wait(platform.post({"tasks": [{"name": "only", "operator": "noop"}]})["id"])
     assert job["state"] == "succeeded", job
-    ran_in = re.findall(rf"driving job {job['id']} in process (\d+)", runner.log.read_text())
+    ran_in = re.findall(rf"driving job {job['id']} in process (\d+)", worker.log.read_text())
     assert len(ran_in) == 1 and int(ran_in[0]) in before, (ran_in, before)
     deadline = time.monotonic() + 60
-    while not (_descendants(runner.proc.pid) - before):
+    while not (_descendants(worker.proc.pid) - before):
         assert time.monotonic() < deadline, "no replacement warm process"
         time.sleep(0.2)
 
 
 def test_flow_runs_start_when_scheduled_not_at_the_next_poll(platform: Platform) -> None:
-    """With the runner's poll an hour apart, a job's flow run still goes from Scheduled to
-    Pending (taken by the runner) within seconds: the Scheduled event woke the runner."""
+    """With the worker's poll an hour apart, a job's flow run still goes from Scheduled to
+    Pending (taken by the worker) within seconds: the Scheduled event woke the worker."""
     job = platform.wait(platform.post({"tasks": [{"name": "only", "operator": "noop"}]})["id"])
     assert job["state"] == "succeeded", job
     with temporary_settings({PREFECT_API_URL: platform.settings.prefect_api_url}):
