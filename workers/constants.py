@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deepflow.dag import MAX_TASK_TIMEOUT_S
+from deepflow.devices import VISIBLE_DEVICES_ENV as VISIBLE_DEVICES_ENV
 
 QUEUES = ("cpu", "cuda", "npu")
 """One queue per resource class; a task's resource class names its queue."""
@@ -10,8 +11,8 @@ QUEUES = ("cpu", "cuda", "npu")
 ACCELERATOR_QUEUES = frozenset({"cuda", "npu"})
 """Queues whose worker owns one device: concurrency 1, one process per device."""
 
-VISIBLE_DEVICES_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
-"""How a worker process is pinned to its device."""
+# VISIBLE_DEVICES_ENV (how a worker process is pinned to its device) lives in the core,
+# deepflow.devices: the serving operators read it too, and the core never imports workers.
 
 VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIMEOUT_S + 3600)
 """Redis redelivers an unacknowledged message after this long. It must exceed the longest

@@ -1,17 +1,18 @@
-"""The ``serve`` job kind's operators: bring engine daemons up, check them, stop them.
+"""The ``deploy`` job kind's operators: bring engine daemons up, check them, stop them.
 
 ``launch_replica`` runs on a worker of the deployment's resource class, so the daemon it
 starts inherits that worker's pinned device; the daemon runs in its own session and outlives
-the task (it is long-lived by design). Everything else talks HTTP and runs on ``cpu``.
+the task (it is long-lived by design). It learns the daemon's address from the daemon's
+ready report (``spawn``). Everything else talks HTTP and runs on ``cpu``.
+
+A plugin of the operator registry: ``OPERATORS`` is what our pyproject's
+``deepflow.operators`` entry point (``deploy``) hands it. Importing registers nothing.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,9 +22,11 @@ from typing import Any
 import httpx
 
 from deepflow.config import Settings
-from deepflow.dag.operators import Operator, OperatorFailed, register
+from deepflow.dag.operators import Operator, OperatorFailed
+from deepflow.devices import pinned_device
 from deepflow.procutil import signal_alive, wait_gone
 from deepflow.replicas import converge
+from deepflow.replicas.spawn import DaemonFailed, spawn_daemon
 from deepflow.store import (
     Database,
     Deployment,
@@ -34,14 +37,11 @@ from deepflow.store import (
     set_instance_state,
 )
 from deepflow.store.types import utcnow
-from deepflow.workers.constants import VISIBLE_DEVICES_ENV
 
 LAUNCH_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 15.0
 """After a drained daemon stops answering, how long it gets to exit before SIGKILL."""
-READY_LINE = re.compile(rb"FlowServe ready on (http://\S+) ")
-LOG_TAIL_CHARS = 2000
 
 
 def _db() -> Database:
@@ -74,11 +74,6 @@ def prepare_weights(args: dict[str, Any]) -> dict[str, Any]:
     return {"model_path": str(folder), "weight_files": len(weights), "bytes": total}
 
 
-def _device(resource_class: str) -> str:
-    visible = os.environ.get(VISIBLE_DEVICES_ENV.get(resource_class, ""), "")
-    return f"{resource_class}:{visible}" if visible else resource_class
-
-
 def _engine_argv(deployment: Deployment, host: str) -> list[str]:
     argv = [sys.executable, "-m", "deepflow.engine.daemon", deployment.model_path]
     argv += ["--host", host, "--port", "0", "--served-model-name", deployment.name]
@@ -87,13 +82,9 @@ def _engine_argv(deployment: Deployment, host: str) -> list[str]:
     return argv
 
 
-def _log_tail(path: Path) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return text[-LOG_TAIL_CHARS:]
-
-
 def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
-    """Start one daemon; return once it says it is ready (its address) or fail with its log."""
+    """Start one daemon; return once it reports ready (its address) or fail with its exit
+    status and its log's tail."""
     settings = Settings.from_env()
     context = args["context"]
     deployment = _deployment(args["deployment_id"])
@@ -105,7 +96,7 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
             session,
             deployment.tenant_id,
             model_name=deployment.name,
-            device=_device(deployment.resource_class.value),
+            device=pinned_device(deployment.resource_class.value),
             job_id=context["job_id"],
             deployment_id=deployment.id,
             host=socket.gethostname(),
@@ -114,46 +105,31 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
         instance_id = instance.id
     log_path = settings.ensure_home() / "instances" / f"{instance_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            _engine_argv(deployment, settings.instance_host),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives this task and its worker
-        )
+    argv = _engine_argv(deployment, settings.instance_host)
     try:
-        address = _wait_ready(proc, log_path)
-    except BaseException as exc:  # includes the lease guard stopping this attempt
-        proc.kill()
-        proc.wait()
-        with db.transaction() as session:
-            set_instance_state(
-                session, instance_id, InstanceState.FAILED, reason=f"launch failed: {exc}"
-            )
+        spawned = spawn_daemon(argv, log_path, timeout_s=LAUNCH_TIMEOUT_S, detach=True)
+    except DaemonFailed as exc:
+        _launch_failed(db, instance_id, exc)
+        raise OperatorFailed(str(exc)) from None
+    except BaseException as exc:  # the lease guard stopping this attempt; spawn killed it
+        _launch_failed(db, instance_id, exc)
         raise
     # The worker process stays the daemon's parent: reap it when it exits, or it lingers
     # as a zombie (still "alive" to kill(pid, 0)).
+    proc, ready = spawned.proc, spawned.ready
     threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
     with db.transaction() as session:
         row = session.get(Instance, instance_id)
         assert row is not None
-        row.address, row.pid, row.updated_at = address, proc.pid, utcnow()
-    return {"instance_id": instance_id, "address": address, "pid": proc.pid}
+        row.address, row.pid, row.updated_at = ready.url, ready.pid, utcnow()
+    return {"instance_id": instance_id, "address": ready.url, "pid": ready.pid}
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        match = READY_LINE.search(log_path.read_bytes())
-        if match:
-            return match.group(1).decode()
-        if proc.poll() is not None:
-            raise OperatorFailed(
-                f"the engine daemon exited with status {proc.returncode}:\n{_log_tail(log_path)}"
-            )
-        time.sleep(0.1)
-    raise OperatorFailed(f"the engine daemon was not ready in {LAUNCH_TIMEOUT_S:.0f}s")
+def _launch_failed(db: Database, instance_id: str, exc: BaseException) -> None:
+    with db.transaction() as session:
+        set_instance_state(
+            session, instance_id, InstanceState.FAILED, reason=f"launch failed: {exc}"
+        )
 
 
 def health_check(args: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +189,7 @@ def update_deployment(args: dict[str, Any]) -> dict[str, Any]:
     return settled
 
 
-for _op in (
+OPERATORS = (
     Operator("deploy.prepare_weights", prepare_weights, description=prepare_weights.__doc__ or ""),
     Operator(
         "deploy.launch_replica",
@@ -231,5 +207,4 @@ for _op in (
     Operator(
         "deploy.update_deployment", update_deployment, description=update_deployment.__doc__ or ""
     ),
-):
-    register(_op)
+)

@@ -1,5 +1,13 @@
 """``deepflow serve MODEL_DIR`` / ``python -m deepflow.engine.daemon MODEL_DIR``: load the
-engine, serve it with uvicorn, print one ready line, and drain on SIGTERM.
+engine, serve it with uvicorn, say it is ready, and drain on SIGTERM.
+
+Ready: once the engine is loaded and the socket listens, the daemon prints a line for
+people and, given ``--ready-fd N`` (a pipe its launcher passed down), writes one JSON line,
+a ``ReadyReport`` (url, host, port, pid, model), to that descriptor and closes it. That
+pipe is how a launcher learns the address and readiness: nothing parses the printed line.
+A daemon that dies first closes the pipe by dying, so its launcher hears end-of-file at
+once. A launcher that is gone first (the write fails) leaves nobody who knows the address:
+the daemon then exits 1 rather than serve unseen.
 
 Draining: SIGTERM (or ``POST /drain``) stops admission (new requests get 503 ``draining``),
 lets open requests finish for up to ``--drain-timeout`` seconds, aborts the rest and exits 0.
@@ -12,10 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +38,32 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 _ENGINE_OPTIONS = ("max_num_seqs", "num_kv_blocks", "dtype", "device", "max_model_len")
 
 
+@dataclass(frozen=True, slots=True)
+class ReadyReport:
+    """What a daemon tells its launcher through ``--ready-fd``, as one line of JSON."""
+
+    url: str
+    host: str
+    port: int
+    """The port it listens on: the one the system picked for ``--port 0``."""
+    pid: int
+    model: str
+    """The model id clients ask for."""
+
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> ReadyReport:
+        """Raises ValueError on anything but one JSON object with every field (extra keys,
+        from a newer daemon, are ignored)."""
+        try:
+            data = json.loads(line)
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"not a ready report ({exc!r}): {line[:200]!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `deepflow serve` (also `python -m deepflow.engine.daemon`)."""
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder")
@@ -35,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port",
         type=int,
         default=DEFAULT_PORT,
-        help=f"default {DEFAULT_PORT}; 0 picks a free port (the ready line says)",
+        help=f"default {DEFAULT_PORT}; 0 picks a free port (the ready line and report say)",
     )
     parser.add_argument(
         "--served-model-name",
@@ -67,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds open requests get to finish after SIGTERM or /drain",
     )
     parser.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="an inherited pipe: once serving, write one JSON line (url, host, port, pid, "
+        "model) to it and close it; for launchers",
+    )
+    parser.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
 
@@ -81,6 +126,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
+        ready_fd=args.ready_fd,
         **engine_kwargs,
     )
 
@@ -94,10 +140,13 @@ def run_daemon(
     max_waiting: int = 1024,
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     log_level: str = "warning",
+    ready_fd: int | None = None,
     **engine_kwargs: Any,
 ) -> int:
     """Serve until drained (exit status 0) or interrupted. ``engine_kwargs``: EngineConfig
-    fields."""
+    fields. ``ready_fd``: where to write the ``ReadyReport`` (see the module's docstring)."""
+    if ready_fd is not None:
+        _keep_to_self(ready_fd)
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
@@ -124,7 +173,7 @@ def run_daemon(
         )
         flowserve = app.state.flowserve
         server = _make_server(config, flowserve)
-        asyncio.run(_serve(server, flowserve, host, name, drain_timeout_s))
+        asyncio.run(_serve(server, flowserve, host, name, drain_timeout_s, ready_fd))
     finally:
         engine.shutdown()
     return 0
@@ -156,8 +205,33 @@ def _make_server(config: Any, flowserve: EngineServer) -> Any:
     return Server(config)
 
 
+def _keep_to_self(fd: int) -> None:
+    """Children this daemon starts must not hold the ready pipe open: its launcher counts
+    on end-of-file when the daemon dies."""
+    try:
+        os.set_inheritable(fd, False)
+    except OSError:
+        raise ValueError(f"--ready-fd {fd} is not an open file descriptor") from None
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _report_ready(fd: int, report: ReadyReport) -> None:
+    try:
+        os.write(fd, report.to_line())  # one write under PIPE_BUF: the reader sees it whole
+    finally:
+        os.close(fd)
+
+
 async def _serve(
-    server: Any, flowserve: EngineServer, host: str, name: str, drain_timeout_s: float
+    server: Any,
+    flowserve: EngineServer,
+    host: str,
+    name: str,
+    drain_timeout_s: float,
+    ready_fd: int | None = None,
 ) -> None:
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -166,7 +240,18 @@ async def _serve(
             return
         await asyncio.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"FlowServe ready on http://{host}:{port} model={name}", flush=True)
+    report = ReadyReport(url=_url(host, port), host=host, port=port, pid=os.getpid(), model=name)
+    print(f"FlowServe ready on {report.url} model={name}", flush=True)
+    if ready_fd is not None:
+        try:
+            _report_ready(ready_fd, report)
+        except BrokenPipeError:
+            server.should_exit = True
+            await serving
+            raise RuntimeError(
+                "the launcher closed --ready-fd before the daemon was ready; "
+                "nobody knows this daemon's address"
+            ) from None
     drain = asyncio.create_task(flowserve.wait_drain_requested())
     await asyncio.wait({serving, drain}, return_when=asyncio.FIRST_COMPLETED)
     if drain.done():
