@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,15 +16,23 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-READY = re.compile(r"FlowServe ready on (http://\S+) model=(\S+)")
+from deepflow.engine.daemon.main import ReadyReport
+from deepflow.replicas.spawn import DaemonFailed, spawn_daemon
 
 
 @dataclass
 class Daemon:
     proc: subprocess.Popen[bytes]
-    url: str
-    model: str
+    ready: ReadyReport
     log: Path
+
+    @property
+    def url(self) -> str:
+        return self.ready.url
+
+    @property
+    def model(self) -> str:
+        return self.ready.model
 
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.url}/health", timeout=10)
@@ -74,20 +81,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
 
 
 def start_daemon(command: list[str], log: Path, timeout: float = 90.0) -> Daemon:
-    """Run ``command`` (ending in daemon arguments) with --port 0; wait for the ready line."""
+    """Run ``command`` (ending in daemon arguments) with --port 0; wait for its ready report
+    (the launcher's own handshake, ``deepflow.replicas.spawn``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: one torch thread each
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    deadline = time.monotonic() + timeout
-    while not (match := READY.search(log.read_text(errors="replace"))):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the daemon did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
-    return Daemon(proc, match.group(1), match.group(2), log)
+    try:
+        spawned = spawn_daemon([*command, "--port", "0"], log, timeout_s=timeout, env=env)
+    except DaemonFailed as exc:
+        pytest.fail(f"the daemon did not start: {exc}")
+    return Daemon(spawned.proc, spawned.ready, log)
 
 
 def serve_command(model_dir: Path, *args: str) -> list[str]:
