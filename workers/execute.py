@@ -1,21 +1,23 @@
 """One attempt of one task, on a worker: claim the lease, run the operator, report.
 
-The store decides what an outcome means (retry or fail); the worker only reports. While
-the operator runs, a guard thread renews the lease and watches the deadline. If the lease
-is lost (the job was cancelled, or the reconciler gave the attempt up) or the deadline
-passes, the guard stops the operator by raising ``AttemptStopped`` in its thread.
+The store decides what an outcome means (retry or fail); the worker only reports. The
+operator runs in an attempt process (``attempt_process``), forked from this Celery pool
+process, which meanwhile stays the attempt's supervisor: it renews the lease, watches the
+deadline, and collects the operator's log and outcome, all in the calling thread. If the
+lease is lost (the job was cancelled, or the reconciler gave the attempt up) or the deadline
+passes, it kills the attempt's process (SIGTERM, then SIGKILL), which stops even an operator
+inside C code, and reports: timed out -> ``fail_task``; lease lost -> nothing (the store has
+moved on), only the log is kept.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import socket
-import threading
-import traceback
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,94 +37,35 @@ from deepflow.store.orm import Task
 from deepflow.store.tasks import task_context
 from deepflow.store.types import utcnow
 from deepflow.workers import attempt_log
+from deepflow.workers.attempt_child import AttemptStopped
+from deepflow.workers.attempt_process import AttemptProcess, begin_attempt, end_attempt
 from deepflow.workers.constants import HEARTBEATS_PER_LEASE
+
+__all__ = ["AttemptStopped", "StaleAttempt", "execute_task", "worker_id"]
 
 log = logging.getLogger(__name__)
 
-
-class AttemptStopped(BaseException):
-    """Raised inside the operator's thread by the guard. A BaseException, so an operator's
-    own ``except Exception`` does not swallow it."""
+STOP_CHECK_S = 1.0
+"""The longest a running attempt goes without renewing (and so checking) its lease: how
+soon a cancelled job's attempt is noticed. Each check is one small UPDATE of the task's row
+(committed without waiting for the disk); the lease itself needs only HEARTBEATS_PER_LEASE
+of them per lease period."""
 
 
 class StaleAttempt(RuntimeError):
     """The message names an attempt that is no longer current (a redelivery, a duplicate,
-    or a cancelled task): nothing was run."""
+    or a cancelled task): nothing was run, or what ran was stopped."""
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@dataclass
-class _Guard:
-    db: Database
-    task_id: str
-    worker: str
-    attempt: int
-    lease_ttl_s: float
-    deadline: datetime | None
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._target = threading.get_ident()
-        self._thread = threading.Thread(target=self._watch, name="lease-guard", daemon=True)
-
-    def __enter__(self) -> _Guard:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        with self._lock:
-            self._stop.set()
-            # An interrupt aimed at the operator must not land after it returned.
-            _set_async_exc(self._target, None)
-        self._thread.join(timeout=5)
-
-    def _watch(self) -> None:
-        interval = self.lease_ttl_s / HEARTBEATS_PER_LEASE
-        while not self._stop.wait(min(interval, self._until_deadline())):
-            if self.deadline is not None and utcnow() >= self.deadline:
-                self._interrupt("timed out")
-                return
-            try:
-                with self.db.transaction() as session:
-                    heartbeat_task(
-                        session, self.task_id, self.worker, self.attempt, self.lease_ttl_s
-                    )
-            except LeaseLost:
-                self._interrupt("lease lost")
-                return
-            except Exception:  # a missed beat is survivable: the lease outlasts two more
-                log.exception("heartbeat of task %s failed", self.task_id)
-
-    def _until_deadline(self) -> float:
-        if self.deadline is None:
-            return float("inf")
-        return max((self.deadline - utcnow()).total_seconds(), 0.0)
-
-    def _interrupt(self, reason: str) -> None:
-        with self._lock:
-            if self._stop.is_set():
-                return
-            self.reason = reason
-            _set_async_exc(self._target, AttemptStopped)
-
-
-def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
-    """Raise ``exc`` in thread ``thread_id`` at its next bytecode (None clears a pending one)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None
-    )
-
-
 def execute_task(task_id: str, attempt: int, settings: Settings | None = None) -> Any:
     """Run attempt ``attempt`` of task ``task_id``; returns the operator's output.
 
-    Raises StaleAttempt when the attempt is not current (nothing ran), and the operator's
-    exception (after reporting it) when it fails.
+    Raises StaleAttempt when the attempt is not current (nothing ran) or was stopped because
+    its lease was lost, and the operator's exception (after reporting it) when it fails.
     """
     settings = settings or Settings.from_env()
     # An attempt's writes are safe to redo (a lost claim or outcome runs the attempt again),
@@ -138,27 +81,81 @@ def execute_task(task_id: str, attempt: int, settings: Settings | None = None) -
             args["context"] = task_context(session, task)
     guard = _Guard(db, task_id, me, attempt, settings.lease_ttl_s, deadline)
     end = _Ending(db, task, attempt, attempt_log.AttemptLog(), utcnow())
+    process = begin_attempt(operator, args, end.log)
     try:
-        with attempt_log.capture(end.log), guard:
-            output = operators.run(operator, args)
-    except AttemptStopped:
-        end.log.write(f"attempt stopped: {guard.reason}\n")
-        if guard.reason == "timed out":
+        stopped = guard.supervise(process)
+    finally:
+        outcome = end_attempt(process)
+    if stopped is not None:
+        end.log.write(f"attempt stopped: {stopped}\n")
+        if stopped == "timed out":
             error = f"timed out after its deadline {deadline}"
             end.report("timed_out", lambda s: fail_task(s, task_id, me, attempt, error))
         else:
             end.report("stopped", None)
-        raise StaleAttempt(f"attempt {attempt} of task {task_id} stopped: {guard.reason}") from None
-    except Exception as exc:
-        end.log.write(traceback.format_exc())
-        error = f"{type(exc).__name__}: {exc}"
+        raise StaleAttempt(f"attempt {attempt} of task {task_id} stopped: {stopped}")
+    if outcome.error is not None:
+        error = outcome.error
         end.report("failed", lambda s: fail_task(s, task_id, me, attempt, error))
-        raise
+        outcome.raise_error()
     try:
-        end.report("succeeded", lambda s: succeed_task(s, task_id, me, attempt, output))
+        end.report("succeeded", lambda s: succeed_task(s, task_id, me, attempt, outcome.output))
     except LeaseLost as exc:
         raise StaleAttempt(str(exc)) from None
-    return output
+    return outcome.output
+
+
+@dataclass
+class _Guard:
+    """Keeps the attempt's lease and deadline while its process runs."""
+
+    db: Database
+    task_id: str
+    worker: str
+    attempt: int
+    lease_ttl_s: float
+    deadline: datetime | None
+    _interval: float = field(init=False)
+    _next_beat: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._interval = min(self.lease_ttl_s / HEARTBEATS_PER_LEASE, STOP_CHECK_S)
+        self._next_beat = time.monotonic() + self._interval
+
+    def supervise(self, process: AttemptProcess) -> str | None:
+        """Wait for the attempt; None when it finished, else why it was stopped. Any error
+        of the guard itself stops the attempt too: nobody would be watching it."""
+        try:
+            while not process.wait(self._until_next_check()):
+                reason = self._check()
+                if reason is not None:
+                    process.stop()
+                    return reason
+        except BaseException:
+            process.stop()
+            raise
+        return None
+
+    def _until_next_check(self) -> float:
+        wait = self._next_beat - time.monotonic()
+        if self.deadline is not None:
+            wait = min(wait, (self.deadline - utcnow()).total_seconds())
+        return max(wait, 0.0)
+
+    def _check(self) -> str | None:
+        if self.deadline is not None and utcnow() >= self.deadline:
+            return "timed out"
+        if time.monotonic() < self._next_beat:
+            return None
+        self._next_beat = time.monotonic() + self._interval
+        try:
+            with self.db.transaction() as session:
+                heartbeat_task(session, self.task_id, self.worker, self.attempt, self.lease_ttl_s)
+        except LeaseLost:
+            return "lease lost"
+        except Exception:  # a missed beat is survivable: the lease outlasts two more
+            log.exception("heartbeat of task %s failed", self.task_id)
+        return None
 
 
 @dataclass
