@@ -54,7 +54,8 @@ class Settings:
     reconcile_interval_s: float = 5.0
     """How often the reconciler looks for expired leases."""
     operator_modules: str = ""
-    """Comma-separated modules that register extra operators (DEEPFLOW_OPERATORS)."""
+    """Comma-separated operator modules to load besides the installed plugins (the
+    ``deepflow.operators`` entry points): a development override (DEEPFLOW_OPERATORS)."""
     instance_host: str = "127.0.0.1"
     """The address engine daemons launched on this machine listen on and are reached at
     (DEEPFLOW_INSTANCE_HOST): loopback for one machine, the host's address for several."""
