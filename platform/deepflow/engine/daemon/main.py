@@ -206,8 +206,8 @@ def _make_server(config: Any, flowserve: EngineServer) -> Any:
 
 
 def _keep_to_self(fd: int) -> None:
-    """Children this daemon starts must not hold the ready pipe open: its launcher counts
-    on end-of-file when the daemon dies."""
+    """Programs this daemon starts must not hold the ready pipe open: its launcher counts on
+    end-of-file when the daemon dies. (Close-on-exec; the TP workers are spawned, not forked.)"""
     try:
         os.set_inheritable(fd, False)
     except OSError:
