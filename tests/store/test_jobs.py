@@ -18,6 +18,7 @@ from deepflow.store import (
     Task,
     TaskEdge,
     advance_job,
+    attach_flow_run,
     cancel_job,
     claim_task,
     create_job,
@@ -26,6 +27,7 @@ from deepflow.store import (
     queue_task,
     read_job,
     read_job_events,
+    set_task_state,
     succeed_task,
 )
 
@@ -164,10 +166,10 @@ def test_advance_runs_a_fan_out_fan_in_to_success(db: Database) -> None:
         assert stored.result == {"outputs": {"join": {"done": "join"}}}
         assert stored.started_at and stored.finished_at and stored.started_at <= stored.finished_at
         events = read_job_events(s, tenant, job.id)
-        assert [e.to_state for e in events if e.entity_type == "job"] == [
-            "pending",
-            "running",
-            "succeeded",
+        assert [(e.from_state, e.to_state, e.rule) for e in events if e.entity_type == "job"] == [
+            (None, "pending", "CreateJob"),
+            ("pending", "running", "StartJob"),
+            ("running", "succeeded", "SucceedJob"),
         ]
         assert events == sorted(events, key=lambda e: e.id)
         assert read_job_events(s, tenant, job.id, after=events[2].id)[0].id == events[3].id
@@ -183,3 +185,41 @@ def test_rejected_plan_writes_nothing(db: Database) -> None:
         0,
         0,
     )
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["pending", "queued"])
+def test_a_job_whose_tasks_never_ran_succeeds_without_a_start(db: Database, queued: bool) -> None:
+    """When no task runs (here the root is skipped, as a branch would skip it, and the
+    trigger rules skip the rest), the job goes from pending or queued straight to succeeded:
+    its events record no start that did not happen, and it has no ``started_at``."""
+    tenant = _tenant(db)
+    job = _create(db, tenant)
+    if queued:
+        with db.transaction() as s:
+            attach_flow_run(s, job.id, "flow-run-1")
+    with db.transaction() as s:
+        set_task_state(s, job.tasks[0].id, TaskState.SKIPPED, reason="branch not taken")
+    with db.transaction() as s:
+        decision = advance_job(s, job.id)
+        assert decision.ready == [] and decision.skipped == ["left", "right", "join"]
+        assert decision.job_state is JobState.SUCCEEDED
+    with db.transaction() as s:
+        stored = read_job(s, tenant, job.id)
+        assert stored.state is JobState.SUCCEEDED
+        assert stored.started_at is None and stored.finished_at is not None
+        events = read_job_events(s, tenant, job.id)
+    before = [("pending", "queued", "QueueJob")] if queued else []
+    assert [(e.from_state, e.to_state, e.rule) for e in events if e.entity_type == "job"] == [
+        (None, "pending", "CreateJob"),
+        *before,
+        ("queued" if queued else "pending", "succeeded", "SucceedJobWithoutRunning"),
+    ]
+    names = {t.id: t.name for t in job.tasks}
+    task_events = [
+        (names[e.entity_id], e.rule, e.reason) for e in events if e.entity_type == "task"
+    ]
+    assert task_events == [
+        *((name, "CreateTask", None) for name in ("start", "left", "right", "join")),
+        ("start", "SkipTask", "branch not taken"),
+        *((name, "SkipTask", "trigger rule") for name in ("left", "right", "join")),
+    ]

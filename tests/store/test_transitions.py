@@ -1,18 +1,27 @@
-"""State changes go through one function per entity, reject illegal moves, write events."""
+"""State changes, creation included, go through one function per entity, reject illegal
+moves, write events."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from deepflow import dag
 from deepflow.dag import JobState, TaskState
 from deepflow.store import (
     Database,
+    DeploymentState,
     Event,
     IllegalTransition,
     InstanceState,
+    Job,
     ModelVersionState,
+    Request,
+    Task,
+    create_deployment,
     create_instance,
     create_job,
     ensure_tenant,
@@ -22,7 +31,24 @@ from deepflow.store import (
     set_model_version_state,
     set_task_state,
 )
-from deepflow.store.policy import JOB_POLICY, TASK_POLICY
+from deepflow.store.policy import (
+    DEPLOYMENT_POLICY,
+    INSTANCE_POLICY,
+    JOB_POLICY,
+    MODEL_VERSION_POLICY,
+    NEW,
+    TASK_POLICY,
+    Rule,
+)
+from deepflow.store.types import new_id
+
+POLICIES: list[tuple[tuple[Rule, ...], type[StrEnum]]] = [
+    (JOB_POLICY, JobState),
+    (TASK_POLICY, TaskState),
+    (INSTANCE_POLICY, InstanceState),
+    (DEPLOYMENT_POLICY, DeploymentState),
+    (MODEL_VERSION_POLICY, ModelVersionState),
+]
 
 SPEC = {
     "tasks": [
@@ -58,13 +84,49 @@ def test_legal_job_transition_writes_its_event(db: Database) -> None:
 
 def test_illegal_transition_is_rejected_and_writes_nothing(db: Database) -> None:
     _, job_id, tasks = _job(db)
-    illegal = pytest.raises(IllegalTransition, match="cannot go from pending to succeeded")
+    with db.transaction() as s:
+        set_job_state(s, job_id, JobState.QUEUED)
+    illegal = pytest.raises(IllegalTransition, match="cannot go from queued to pending")
     with illegal, db.transaction() as s:
-        set_job_state(s, job_id, JobState.SUCCEEDED)
+        set_job_state(s, job_id, JobState.PENDING)
     with pytest.raises(IllegalTransition), db.transaction() as s:
         set_task_state(s, tasks["a"], TaskState.RUNNING)  # must be queued first
-    assert len(_events(db, job_id)) == 1
-    assert _events(db, tasks["a"]) == []
+    assert [e.rule for e in _events(db, job_id)] == ["CreateJob", "QueueJob"]
+    assert [e.rule for e in _events(db, tasks["a"])] == ["CreateTask"]
+    with db.transaction() as s:
+        assert s.get(Job, job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+        assert s.get(Task, tasks["a"]).state is TaskState.PENDING  # type: ignore[union-attr]
+
+
+def test_creating_a_job_writes_its_and_its_tasks_creation_events(db: Database) -> None:
+    _, job_id, tasks = _job(db)
+    with db.transaction() as s:
+        stmt = select(Event).where(Event.job_id == job_id).order_by(Event.id)
+        events = [(e.entity_id, e.from_state, e.to_state, e.rule) for e in s.scalars(stmt)]
+    assert events == [
+        (job_id, None, "pending", "CreateJob"),
+        (tasks["a"], None, "pending", "CreateTask"),
+        (tasks["b"], None, "pending", "CreateTask"),
+    ]
+
+
+def test_a_row_starts_only_where_its_creation_rule_says(db: Database) -> None:
+    """The writer refuses a first state the policy does not name, and a row that never went
+    through the writer has no state and is refused by the database."""
+    with db.transaction() as s:
+        tenant = ensure_tenant(s, "t1")
+        request = Request(id=new_id("req"), tenant_id=tenant.id, kind="k", body={}, body_hash="h")
+        s.add(request)
+    with pytest.raises(IllegalTransition, match="cannot start in running"), db.transaction() as s:
+        job = Job(id=new_id("job"), tenant_id=tenant.id, request_id=request.id, kind="dag", spec={})
+        set_job_state(s, job, JobState.RUNNING)
+    with pytest.raises(IntegrityError), db.transaction() as s:
+        s.add(
+            Job(id=new_id("job"), tenant_id=tenant.id, request_id=request.id, kind="dag", spec={})
+        )
+    with db.transaction() as s:
+        assert s.execute(select(Job)).first() is None
+        assert s.execute(select(Event)).first() is None
 
 
 def test_event_and_change_share_one_transaction(db: Database) -> None:
@@ -79,9 +141,24 @@ def test_event_and_change_share_one_transaction(db: Database) -> None:
 def test_terminal_states_have_no_way_out() -> None:
     for policy, states in ((JOB_POLICY, JobState), (TASK_POLICY, TaskState)):
         for rule in policy:
-            assert not any(s.is_terminal for s in rule.from_states), rule.name  # type: ignore[attr-defined]
-        targets = {r.to_state for r in policy}
-        assert set(states) - {states("pending")} <= targets  # type: ignore[call-arg]
+            assert not any(s is not NEW and s.is_terminal for s in rule.from_states), rule.name  # type: ignore[attr-defined]
+        assert {r.to_state for r in policy} == set(states)
+
+
+@pytest.mark.parametrize(("policy", "states"), POLICIES)
+def test_each_policy_starts_its_rows_with_one_creation_rule(
+    policy: tuple[Rule, ...], states: type[StrEnum]
+) -> None:
+    """The policy is the one place that says how rows start: its first rule, from NEW, and
+    no other rule starts from NEW or returns to the first state."""
+    first, *rest = policy
+    assert first.from_states == {NEW} and first.name.startswith(("Create", "Register"))
+    assert all(NEW not in rule.from_states for rule in rest)
+    assert {first.to_state, *(r.to_state for r in rest)} == set(states)
+    reached = {first.to_state}
+    for _ in policy:  # every state is reachable from the first
+        reached |= {r.to_state for r in rest if r.from_states & reached}
+    assert reached == set(states)
 
 
 def test_events_are_append_only(db: Database) -> None:
@@ -93,9 +170,18 @@ def test_events_are_append_only(db: Database) -> None:
         s.delete(s.execute(select(Event).where(Event.entity_id == job_id)).scalar_one())
 
 
-def test_instance_and_model_version_lifecycles(db: Database) -> None:
+def test_instance_deployment_and_model_version_lifecycles(db: Database) -> None:
     with db.transaction() as s:
         tenant = ensure_tenant(s, "t1")
+        dep = create_deployment(
+            s,
+            tenant.id,
+            name="tiny",
+            model_path="/models/tiny",
+            replicas=1,
+            resource_class=dag.ResourceClass.CPU,
+            policy="round_robin",
+        )
         inst = create_instance(s, tenant.id, model_name="tiny", device="cpu")
         v1 = register_model_version(s, tenant.id, "tiny", "/models/tiny")
         v2 = register_model_version(s, tenant.id, "tiny", "/models/tiny-2")
@@ -108,6 +194,16 @@ def test_instance_and_model_version_lifecycles(db: Database) -> None:
         set_instance_state(s, inst.id, InstanceState.READY)
     with pytest.raises(IllegalTransition), db.transaction() as s:
         set_model_version_state(s, v2.id, ModelVersionState.ARCHIVED)
-    rules = [e.rule for e in _events(db, inst.id)]
-    assert rules == ["CreateInstance", "MarkInstanceReady", "DrainInstance"]
-    assert [e.rule for e in _events(db, v1.id)] == ["RegisterVersion", "PublishVersion"]
+    rules = [(e.from_state, e.rule) for e in _events(db, inst.id)]
+    assert rules == [
+        (None, "CreateInstance"),
+        ("starting", "MarkInstanceReady"),
+        ("ready", "DrainInstance"),
+    ]
+    assert [(e.from_state, e.rule) for e in _events(db, v1.id)] == [
+        (None, "RegisterVersion"),
+        ("registering", "PublishVersion"),
+    ]
+    assert [(e.from_state, e.to_state, e.rule) for e in _events(db, dep.id)] == [
+        (None, "creating", "CreateDeployment")
+    ]

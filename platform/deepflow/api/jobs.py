@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from deepflow import dag, store
+from deepflow import store
 from deepflow.api.deps import DB, CurrentTenant
-from deepflow.api.errors import APIError
 from deepflow.api.schemas import (
     EventList,
     EventResponse,
@@ -19,6 +18,7 @@ from deepflow.api.schemas import (
     JobSummary,
 )
 from deepflow.dag import JobState
+from deepflow.dag.kinds import plan_user_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -28,15 +28,9 @@ def create_job(
     body: JobCreate, request: Request, response: Response, tenant: CurrentTenant, db: DB
 ) -> JobResponse:
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
-    idempotency key replays an earlier request."""
-    if body.kind == "deploy":
-        raise APIError(
-            400,
-            "deploy jobs are made by the deployments API: POST /v1/deployments",
-            param="kind",
-            code="use_deployments",
-        )
-    plan = dag.plan(body.kind, body.spec)
+    idempotency key replays an earlier request. A kind users may not submit is a 400 on
+    ``kind`` (``use_deployments``, ``kind_not_implemented``)."""
+    plan = plan_user_job(body.kind, body.spec)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
     dispatcher = request.app.state.dispatcher

@@ -14,7 +14,12 @@ from deepflow.store import Event, Job, Task
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(min_length=1, max_length=40, description="dag | deploy | finetune | batch")
+    kind: str = Field(
+        min_length=1,
+        max_length=40,
+        description="dag (deploy jobs come from POST /v1/deployments; finetune and batch are "
+        "not available yet)",
+    )
     spec: dict[str, Any] = Field(description="The kind's spec; for dag: {'tasks': [...]}")
     idempotency_key: str | None = Field(
         default=None,

@@ -1,8 +1,13 @@
-"""Job kinds and how each decomposes into a task DAG.
+"""Job kinds, how each decomposes into a task DAG, and which ones users may submit.
 
 ``dag`` takes the user's tasks as declared. ``deploy``, ``finetune`` and ``batch`` take a
 small spec and generate their DAG's shape here; their operators are declared by name and
 implemented by the serving, fine-tuning and batch modules.
+
+Not every kind is taken from users: ``deploy`` jobs are made by the deployments API, and
+``finetune`` and ``batch`` have no operators yet. Each ``JobKind`` says so (``refusal``),
+and ``plan_user_job`` is the one check every way in for a user's job applies (our API's
+``POST /v1/jobs``, a flow run started from Prefect with a spec).
 """
 
 from __future__ import annotations
@@ -171,19 +176,45 @@ def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why users may not submit a kind: the error's ``code`` and ``message``."""
+
+    code: str
+    message: str
+
+
+def _not_implemented(kind: str) -> Refusal:
+    return Refusal(
+        "kind_not_implemented",
+        f"{kind} jobs are not available yet: their operators ({kind}.*) are not implemented",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class JobKind:
     name: str
     spec_model: type[BaseModel]
     tasks: Callable[[Any], list[TaskSpec]]
+    refusal: Refusal | None = None
+    """None when users may submit the kind; else why not (the platform may still plan it)."""
 
 
 KINDS: dict[str, JobKind] = {
     k.name: k
     for k in (
         JobKind("dag", DagJobSpec, _dag_tasks),
-        JobKind("deploy", DeploySpec, _deploy_tasks),
-        JobKind("finetune", FinetuneSpec, _finetune_tasks),
-        JobKind("batch", BatchSpec, _batch_tasks),
+        JobKind(
+            "deploy",
+            DeploySpec,
+            _deploy_tasks,
+            Refusal(
+                "use_deployments",
+                "deploy jobs are made by the deployments API: POST /v1/deployments",
+            ),
+        ),
+        # Accepted once the fine-tuning and batch operators land.
+        JobKind("finetune", FinetuneSpec, _finetune_tasks, _not_implemented("finetune")),
+        JobKind("batch", BatchSpec, _batch_tasks, _not_implemented("batch")),
     )
 }
 
@@ -213,13 +244,28 @@ class Plan:
     dag: Dag
 
 
-def plan(kind: str, spec: Any) -> Plan:
-    """Validate ``spec`` for ``kind`` and decompose it; raises DagError naming the problem."""
+def _kind(kind: str) -> JobKind:
     job_kind = KINDS.get(kind)
     if job_kind is None:
         raise DagError(
             f"unknown job kind {kind!r} (known: {', '.join(KINDS)})", "kind", "unknown_kind"
         )
+    return job_kind
+
+
+def plan_user_job(kind: str, spec: Any) -> Plan:
+    """``plan`` for a job a user submits (through our API or Prefect's): a kind users may not
+    submit is refused first, with a DagError on ``kind`` carrying its refusal's code."""
+    refusal = _kind(kind).refusal
+    if refusal is not None:
+        raise DagError(refusal.message, "kind", refusal.code)
+    return plan(kind, spec)
+
+
+def plan(kind: str, spec: Any) -> Plan:
+    """Validate ``spec`` for ``kind`` and decompose it; raises DagError naming the problem.
+    Any kind, also one users may not submit (the platform's own deploy jobs)."""
+    job_kind = _kind(kind)
     if not isinstance(spec, dict):
         raise DagError("spec must be a JSON object", "spec", "invalid_spec")
     try:

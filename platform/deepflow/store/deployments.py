@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from deepflow.dag.spec import ResourceClass
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.orm import Deployment, DeploymentState, Instance, InstanceState
-from deepflow.store.transitions import record_event
+from deepflow.store.transitions import set_deployment_state
 from deepflow.store.types import new_id
 
 GONE = (DeploymentState.DELETING, DeploymentState.DELETED)
@@ -47,18 +47,9 @@ def create_deployment(
         resource_class=resource_class,
         policy=policy,
         engine_args=engine_args or {},
-        state=DeploymentState.CREATING,
     )
-    session.add(deployment)
-    record_event(
-        session,
-        tenant_id=tenant_id,
-        entity_type="deployment",
-        entity_id=deployment.id,
-        to_state=DeploymentState.CREATING,
-        rule="CreateDeployment",
-        data={"model": name, "replicas": replicas, "policy": policy},
-    )
+    data = {"model": name, "replicas": replicas, "policy": policy}
+    set_deployment_state(session, deployment, DeploymentState.CREATING, data=data)
     session.flush()
     return deployment
 

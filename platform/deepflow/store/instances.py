@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from deepflow.store.errors import NotFound
 from deepflow.store.orm import Instance, InstanceState
-from deepflow.store.transitions import record_event
+from deepflow.store.transitions import set_instance_state
 from deepflow.store.types import new_id, utcnow
 
 
@@ -44,17 +44,8 @@ def create_instance(
         pid=pid,
         start_path=start_path,
     )
-    session.add(instance)
-    record_event(
-        session,
-        tenant_id=tenant_id,
-        entity_type="instance",
-        entity_id=instance.id,
-        job_id=job_id,
-        to_state=InstanceState.STARTING,
-        rule="CreateInstance",
-        data={"model": model_name, "device": device, "role": role, "deployment": deployment_id},
-    )
+    data = {"model": model_name, "device": device, "role": role, "deployment": deployment_id}
+    set_instance_state(session, instance, InstanceState.STARTING, data=data)
     session.flush()
     return instance
 

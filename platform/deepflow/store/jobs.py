@@ -16,7 +16,7 @@ from deepflow.dag import Dag, Decision, JobState, Node, Plan, TaskState, evaluat
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.orm import Event, Job, Request, Task, TaskEdge
 from deepflow.store.tasks import queue_task
-from deepflow.store.transitions import lock, record_event, set_job_state, set_task_state
+from deepflow.store.transitions import lock, set_job_state, set_task_states
 from deepflow.store.types import new_id, utcnow
 
 
@@ -49,7 +49,8 @@ def _replay(found: tuple[Job, str], body_hash: str, key: str) -> Job:
 def create_job(
     session: Session, tenant_id: str, plan: Plan, kind: str, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
-    """Persist the request, its job, tasks, edges and creation event; returns (job, created).
+    """Persist the request, its job, tasks and edges, each job and task entering its first
+    state through the writer (their creation events); returns (job, created).
 
     The same idempotency key from the same tenant returns the first job, also when two
     requests race: the loser's insert hits the unique constraint inside a savepoint, and it
@@ -100,14 +101,17 @@ def _insert_job(
     job.tasks = [
         Task(
             id=ids[spec.name],
+            job_id=job.id,
             tenant_id=tenant_id,
             position=i,
+            attempt=0,
             **spec.model_dump(exclude={"depends_on"}),
         )
         for i, spec in enumerate(plan.tasks)
     ]
-    session.add(job)
-    session.flush()
+    data = {"kind": kind, "tasks": len(plan.tasks), "request_id": request.id}
+    set_job_state(session, job, JobState.PENDING, data=data)
+    set_task_states(session, job.tasks, TaskState.PENDING)
     edges = [
         {"job_id": job.id, "upstream_id": ids[up], "downstream_id": ids[node.name]}
         for node in plan.dag.tasks.values()
@@ -115,17 +119,6 @@ def _insert_job(
     ]
     if edges:  # Core, not ORM: a dense DAG has thousands, and ORM bookkeeping was 20 us apiece
         session.execute(insert(TaskEdge.__table__), edges)
-    record_event(
-        session,
-        tenant_id=tenant_id,
-        entity_type="job",
-        entity_id=job.id,
-        job_id=job.id,
-        to_state=JobState.PENDING,
-        rule="CreateJob",
-        data={"kind": kind, "tasks": len(plan.tasks), "request_id": request.id},
-    )
-    session.flush()
     return job
 
 
@@ -213,9 +206,9 @@ def cancel_job(
         raise Conflict(
             f"job {job_id} already {job.state}; it cannot be cancelled", "job_not_cancellable"
         )
-    for task in session.execute(select(Task).where(Task.job_id == job_id)).scalars():
-        if not task.state.is_terminal:
-            set_task_state(session, task, TaskState.CANCELLED, reason=reason)
+    tasks = session.execute(select(Task).where(Task.job_id == job_id)).scalars()
+    open_tasks = [task for task in tasks if not task.state.is_terminal]
+    set_task_states(session, open_tasks, TaskState.CANCELLED, reason=reason)
     return set_job_state(session, job, JobState.CANCELLED, reason=reason)
 
 
@@ -296,14 +289,13 @@ def _apply(session: Session, job: Job, dag: Dag, tasks: list[Task], now: datetim
         now=now,
         retry_at={t.name: t.next_attempt_at for t in tasks},
     )
-    for name in decision.skipped:
-        set_task_state(session, by_name[name], TaskState.SKIPPED, reason="trigger rule")
-    for name in decision.upstream_failed:
-        set_task_state(session, by_name[name], TaskState.UPSTREAM_FAILED, reason="upstream failed")
+    skipped = [by_name[name] for name in decision.skipped]
+    set_task_states(session, skipped, TaskState.SKIPPED, reason="trigger rule")
+    doomed = [by_name[name] for name in decision.upstream_failed]
+    set_task_states(session, doomed, TaskState.UPSTREAM_FAILED, reason="upstream failed")
     if decision.job_state is JobState.SUCCEEDED:
         job.result = {"outputs": {leaf: by_name[leaf].output for leaf in dag.leaves}}
-        if job.state is not JobState.RUNNING:
-            set_job_state(session, job, JobState.RUNNING)
+        # From pending or queued when no task ever ran (SucceedJobWithoutRunning).
         set_job_state(session, job, JobState.SUCCEEDED)
     elif decision.job_state is JobState.FAILED:
         failed = [t.name for t in tasks if t.state is TaskState.FAILED]

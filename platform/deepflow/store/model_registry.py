@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from deepflow.store.errors import NotFound
 from deepflow.store.orm import Model, ModelVersion, ModelVersionState
-from deepflow.store.transitions import record_event
+from deepflow.store.transitions import set_model_version_state
 from deepflow.store.types import new_id
 
 
@@ -35,16 +35,8 @@ def register_model_version(
         uri=uri,
         details=details or {},
     )
-    session.add(version)
-    record_event(
-        session,
-        tenant_id=tenant_id,
-        entity_type="model_version",
-        entity_id=version.id,
-        to_state=ModelVersionState.REGISTERING,
-        rule="RegisterVersion",
-        data={"model": name, "version": version.version, "uri": uri},
-    )
+    data = {"model": name, "version": version.version, "uri": uri}
+    set_model_version_state(session, version, ModelVersionState.REGISTERING, data=data)
     session.flush()
     return version
 

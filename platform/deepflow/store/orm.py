@@ -2,7 +2,9 @@
 
 Every row that a user can see carries ``tenant_id``; the store's read functions always filter
 by it. States are stored as short strings; the transitions between them live in
-``policy.py`` and are written only through ``transitions.set_*_state``.
+``policy.py`` and are written only through ``transitions.set_*_state``, creation included:
+``state`` has no default here, so a row that did not get its first state from the writer
+fails its insert.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"), unique=True)
     kind: Mapped[str] = mapped_column(String(40))
-    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.PENDING)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
     spec: Mapped[dict[str, Any]] = mapped_column(deferred=True)
     """Loaded on access: a large DAG's spec is big, and workers and drivers never need it."""
     result: Mapped[dict[str, Any] | None]
@@ -171,9 +173,7 @@ class Task(Base):
     timeout_s: Mapped[float] = mapped_column(Float)
     priority: Mapped[int] = mapped_column(Integer)
     resource_class: Mapped[ResourceClass] = mapped_column(_enum(ResourceClass, "resource_class"))
-    state: Mapped[TaskState] = mapped_column(
-        _enum(TaskState, "task_state"), default=TaskState.PENDING
-    )
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState, "task_state"))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     """The current (or last) attempt, 1-based; a worker's claim must name it (fencing)."""
     next_attempt_at: Mapped[datetime | None]
@@ -234,7 +234,7 @@ class ModelVersion(Base):
     version: Mapped[int] = mapped_column(Integer)
     uri: Mapped[str] = mapped_column(Text)
     state: Mapped[ModelVersionState] = mapped_column(
-        _enum(ModelVersionState, "model_version_state"), default=ModelVersionState.REGISTERING
+        _enum(ModelVersionState, "model_version_state")
     )
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -264,9 +264,7 @@ class Deployment(Base):
     engine_args: Mapped[dict[str, Any]]
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     """The deploy job converging its instances now (or last)."""
-    state: Mapped[DeploymentState] = mapped_column(
-        _enum(DeploymentState, "deployment_state"), default=DeploymentState.CREATING
-    )
+    state: Mapped[DeploymentState] = mapped_column(_enum(DeploymentState, "deployment_state"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -288,9 +286,7 @@ class Instance(Base):
     device: Mapped[str] = mapped_column(String(40))
     role: Mapped[str] = mapped_column(String(20), default="both")
     """prefill | decode | both."""
-    state: Mapped[InstanceState] = mapped_column(
-        _enum(InstanceState, "instance_state"), default=InstanceState.STARTING
-    )
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState, "instance_state"))
     running: Mapped[int] = mapped_column(Integer, default=0)
     waiting: Mapped[int] = mapped_column(Integer, default=0)
     kv_cache_usage: Mapped[float] = mapped_column(Float, default=0.0)
@@ -323,7 +319,7 @@ class Event(Base):
     from_state: Mapped[str | None] = mapped_column(String(20))
     to_state: Mapped[str] = mapped_column(String(20))
     rule: Mapped[str] = mapped_column(String(60))
-    """The policy rule that allowed the change (or the creation that made the entity)."""
+    """The policy rule that allowed the change (a creation rule for the entity's first event)."""
     reason: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
