@@ -7,7 +7,7 @@ time goes.
    each. The fast engine (LLMEngine: Triton kernels, decode graphs, async scheduling)
    generates. The reference is the torch path (kernel_backend="torch", eager) run as a second
    LLMEngine with the same EngineConfig otherwise, the same requests in the same order, its
-   sampler forced to emit the fast path's tokens: it runs the same steps over the same
+   runner's sample() forced to emit the fast path's tokens: it runs the same steps over the same
    (sequence, position) rows (asserted step by step), and where the fast path replayed a decode
    graph padded to a captured size the reference runs the same padding rows (on a scratch KV
    block outside the scheduler's pool). So both sides' linear layers run cuBLAS GEMMs of the
@@ -55,9 +55,9 @@ from deepflow.engine.config import EngineConfig
 from deepflow.engine.llm_engine import LLMEngine
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.model_runner import ModelRunner
-from deepflow.engine.sampler import SampledBatch, to_device
+from deepflow.engine.outputs import ModelRunnerOutput, SampledBatch, ScheduledChunk, SchedulerOutput
+from deepflow.engine.sampler import to_device
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence
 
 Step = tuple[tuple[int, int, int], ...]
@@ -132,25 +132,28 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new: int, replay: Ru
                 chunks + [ScheduledChunk(s, 1) for s in pad], batch.block_copies
             )
         run.rows.append(rows)
-        logits = execute(batch, pending)
-        needs = [c for c in chunks if c.needs_logits]
-        for row, chunk in zip(logits[: len(needs)].cpu(), needs, strict=True):
+        execute(batch, pending)
+        needs = [c for c in chunks if c.needs_logits]  # the padding rows' logits come after
+        for row, chunk in zip(runner.logits[: len(needs)].cpu(), needs, strict=True):
             run.logits[int(chunk.seq.request_id)][chunk.start + chunk.num_tokens - 1] = row
-        return logits[: len(needs)]
 
     runner.execute = recording
     if replay is not None:
 
-        def forced(logits: torch.Tensor, seqs: list[Sequence], eos: list[int]) -> SampledBatch:
+        def forced(seqs: list[Sequence], eos: list[int], rows=None) -> SampledBatch:
             chosen = [
                 replay.tokens[int(s.request_id)][s.num_computed_tokens - s.num_prompt_tokens]
                 for s in seqs
             ]
-            tokens = to_device(chosen, logits.device, torch.int64)
-            zeros = torch.zeros(len(seqs), device=logits.device)
-            return SampledBatch(tokens, zeros, None, [None] * len(seqs))
+            device = runner.device.torch_device
+            tokens = to_device(chosen, device, torch.int64)
 
-        engine.sampler.sample = forced  # type: ignore[method-assign]
+            def unpack(host: list[torch.Tensor]) -> ModelRunnerOutput:
+                return ModelRunnerOutput(host[0].tolist(), [0.0] * len(seqs), [None] * len(seqs))
+
+            return SampledBatch(tokens, [tokens], unpack)
+
+        runner.sample = forced
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)

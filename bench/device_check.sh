@@ -28,9 +28,10 @@ print('deepflow.engine imports with PYTHONPATH=platform; platform-only modules l
   fi
   if [ "$WHAT" != bench ]; then
     timeout 200 python3 bench/device_check.py --model "$MODEL" $PROFILE
-    # The kernel tests compiled (the root conftest needs the platform's packages: cut it off).
+    # The kernel tests compiled, and the decode graphs replayed against eager steps (the root
+    # conftest needs the platform's packages: cut it off).
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider --confcutdir=tests/engine \
       -W ignore::pytest.PytestConfigWarning tests/engine/test_kernels.py tests/engine/test_gemv.py \
-      tests/engine/test_overlap.py
+      tests/engine/test_overlap.py tests/engine/test_decode_graphs_device.py
   fi
 } 2>&1 | tee "$OUT/log.txt"

@@ -4,9 +4,9 @@
 
 - throughput: the engine_throughput batch (256 x 256 prompt + 256 output tokens) timed plain,
   then again with each engine-loop phase timed on the host (schedule, execute, wait for the
-  samples, sample, postprocess), prefill steps apart from pure decode steps; then a few decode
-  steps of the real loop under torch.profiler (CPU + CUDA; trace written to $OUT), and the
-  batch once more under cProfile.
+  samples, sample, the output processor's pass), prefill steps apart from pure decode steps;
+  then a few decode steps of the real loop under torch.profiler (CPU + CUDA; trace written to
+  $OUT), and the batch once more under cProfile.
 - batch1: per-token latency of one request, the bare graph replay, and one engine step under
   torch.profiler (what runs besides the graph).
 - gemv: cuBLAS vs the Triton GEMV (deepflow.engine.kernels.gemv) on the decoder's shapes, over
@@ -68,10 +68,10 @@ def make_llm(model: str, n: int):
 
 def instrument(engine) -> dict[str, list]:
     """Wrap the loop's phases; returns the per-call durations, keyed by phase."""
-    from deepflow.engine import sampler as sampler_mod
+    from deepflow.engine import outputs as outputs_mod
 
     times: dict[str, list] = collections.defaultdict(list)
-    runner, sched, smp = engine.model_runner, engine.scheduler, engine.sampler
+    runner, sched = engine.model_runner, engine.scheduler
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -85,11 +85,11 @@ def instrument(engine) -> dict[str, list]:
     sched.schedule = timed("schedule", sched.schedule)
     sched.update = timed("update", sched.update)
     runner.execute = timed("execute", runner.execute)
-    smp.sample = timed("sample", smp.sample)
-    engine._postprocess = timed("postprocess", engine._postprocess)
+    runner.sample = timed("sample", runner.sample)
+    engine._emit = timed("postprocess", engine._emit)
     engine._append_pending = timed("append_pending", engine._append_pending)
-    orig_result = sampler_mod.SampledBatch.result
-    sampler_mod.SampledBatch.result = timed("wait+unpack", orig_result)
+    orig_result = outputs_mod.SampledBatch.result
+    outputs_mod.SampledBatch.result = timed("wait+unpack", orig_result)
     step = engine.step
 
     def step_wrapper():
@@ -113,7 +113,7 @@ def instrument(engine) -> dict[str, list]:
         return batch
 
     sched.schedule = schedule_kind
-    times["_restore"] = [lambda: setattr(sampler_mod.SampledBatch, "result", orig_result)]
+    times["_restore"] = [lambda: setattr(outputs_mod.SampledBatch, "result", orig_result)]
     return times
 
 
@@ -160,9 +160,9 @@ def throughput(model: str) -> None:
         print(f"  {name:<15} calls {len(vals):4d} total {sum(vals) * 1000:8.1f} ms  median "
               f"{s[len(s) // 2] * 1000:7.3f} ms  max {s[-1] * 1000:7.2f} ms")  # fmt: skip
     # per-step phase breakdown for decode steps (phases align with steps 1:1 for these)
-    del engine.step, engine._postprocess, engine._append_pending
+    del engine.step, engine._emit, engine._append_pending
     del engine.scheduler.schedule, engine.scheduler.update
-    del engine.model_runner.execute, engine.sampler.sample
+    del engine.model_runner.execute, engine.model_runner.sample
 
     for rep in range(2):
         start = time.perf_counter()

@@ -205,29 +205,33 @@ def run_hf_cb(model: str, prompts: list[list[int]], new: int, args) -> dict:
 
 
 class HostOnlyRunner:
-    """A ModelRunner's host side: packs each step's inputs as the accelerator path does, runs
-    no model and returns zero logits."""
-
-    supports_pending_tokens = True
+    """A Runner (deepflow.engine.runner) with a ModelRunner's host side: packs each step's
+    inputs as the accelerator path does, runs no model and samples zero logits."""
 
     def __init__(self, runner, largest: int) -> None:
         from deepflow.engine.decode_graphs import DecodeInputs
+        from deepflow.engine.sampler import Sampler
 
         self.runner = runner
         runner.backend = "triton"  # prepare() builds the kernels' metadata too
-        for name in ("block_size", "num_blocks", "max_model_len", "model_config", "device"):
+        for name in ("block_size", "num_blocks", "max_model_len", "vocab_size", "device"):
             setattr(self, name, getattr(runner, name))
         width = -(-runner.max_model_len // runner.block_size)
         self.inputs = DecodeInputs(largest, width, runner.block_size, torch.device("cpu"))
-        self.logits = torch.zeros(largest, runner.model_config.vocab_size)
+        self.zeros = torch.zeros(largest, runner.vocab_size)
+        self.logits = self.zeros[:0]
+        self.sampler = Sampler()
 
-    def execute(self, batch, pending=None):
+    def execute(self, batch, pending=None) -> None:
         chunks = batch.chunks
         if len(chunks) <= self.inputs.largest and all(c.num_tokens == 1 for c in chunks):
             self.inputs.fill(chunks, pending, len(chunks))
         else:
             self.runner.prepare(chunks, pending)
-        return self.logits[: sum(1 for c in chunks if c.needs_logits)]
+        self.logits = self.zeros[: sum(1 for c in chunks if c.needs_logits)]
+
+    def sample(self, seqs, eos_token_ids, rows=None):
+        return self.sampler.sample(self.logits, seqs, eos_token_ids, rows)
 
 
 def host_step_time(args) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +11,11 @@ import torch
 import tests.engine.triton_setup  # noqa: F401  (first: the kernels' mode is set at their import)
 from deepflow.engine.block_manager import BlockManager
 from deepflow.engine.config import EngineConfig
+from deepflow.engine.device import Device
 from deepflow.engine.llm_engine import LLMEngine
+from deepflow.engine.outputs import PENDING_TOKEN, PendingTokens, SampledBatch, SchedulerOutput
+from deepflow.engine.sampler import Sampler
+from deepflow.engine.sequence import Sequence
 
 # ---- scheduling side: a byte-level fake tokenizer and a fake runner with a checked KV cache ----
 FAKE_EOS = 256
@@ -60,13 +63,18 @@ class FakeTokenizer:
 
 
 class FakeRunner:
-    """Stands in for ModelRunner: keeps (position, token) per KV slot and, before giving logits,
-    checks that the cache seen through the block table holds exactly the sequence's tokens.
-    Logits: seeded noise plus a bump on ``favour(context)``, so greedy decoding is predictable."""
+    """A Runner (deepflow.engine.runner) on the CPU: keeps (position, token) per KV slot and,
+    before giving logits, checks that the cache seen through the block table holds exactly the
+    sequence's tokens (with a token still pending from the step before filled in, as the real
+    runner feeds it). Logits: seeded noise plus a bump on ``favour(context)``, so greedy
+    decoding is predictable; the real Sampler samples them."""
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 512) -> None:
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
-        self.model_config = SimpleNamespace(vocab_size=FAKE_VOCAB)
+        self.vocab_size = FAKE_VOCAB
+        self.device = Device("cpu")
+        self.sampler = Sampler()
+        self.logits = torch.empty(0, FAKE_VOCAB)
         self.kv: list[list[tuple[int, int] | None]] = [[None] * block_size] * num_blocks
         self.kv = [list(block) for block in self.kv]
         self.block_manager: BlockManager | None = None
@@ -81,27 +89,34 @@ class FakeRunner:
         row[self.favour(ids)] += 8.0
         return row
 
-    def execute(self, batch) -> torch.Tensor:
+    def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> None:
         bs = self.block_size
         for src, dst in batch.block_copies:
             self.kv[dst] = list(self.kv[src])
             self.copies.append((src, dst))
         self.steps.append([(c.seq.seq_id, c.start, c.num_tokens) for c in batch.chunks])
+        rows = []
         for chunk in batch.chunks:
-            seq = chunk.seq
-            for p in range(chunk.start, chunk.start + chunk.num_tokens):
+            seq, end = chunk.seq, chunk.start + chunk.num_tokens
+            ids = list(seq.token_ids[:end])
+            if ids[-1] == PENDING_TOKEN:
+                assert pending is not None, "a pending token without the pending samples"
+                ids[-1] = int(pending.tokens[pending.rows[seq.seq_id]])
+            for p in range(chunk.start, end):
                 block = seq.block_table[p // bs]
                 if self.block_manager is not None:
                     assert self.block_manager.ref_count(block) == 1, "write into a shared block"
-                self.kv[block][p % bs] = (p, seq.token_ids[p])
-        rows = []
-        for chunk in batch.chunks:
+                self.kv[block][p % bs] = (p, ids[p])
             if chunk.needs_logits:
-                seq, end = chunk.seq, chunk.start + chunk.num_tokens
                 seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
-                assert seen == list(enumerate(seq.token_ids[:end])), "KV cache corrupted"
-                rows.append(self.logits_for(seq.token_ids[:end]))
-        return torch.stack(rows) if rows else torch.empty(0, FAKE_VOCAB)
+                assert seen == list(enumerate(ids)), "KV cache corrupted"
+                rows.append(self.logits_for(ids))
+        self.logits = torch.stack(rows) if rows else torch.empty(0, FAKE_VOCAB)
+
+    def sample(
+        self, seqs: list[Sequence], eos_token_ids: list[int], rows: list[int] | None = None
+    ) -> SampledBatch:
+        return self.sampler.sample(self.logits, seqs, eos_token_ids, rows)
 
 
 def assert_blocks_ok(engine: LLMEngine) -> None:

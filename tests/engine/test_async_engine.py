@@ -132,9 +132,9 @@ async def test_the_event_loop_keeps_running_while_the_model_works(make_fake_engi
     fake = make_fake_engine()
     execute = fake.model_runner.execute
 
-    def slow_execute(batch):
+    def slow_execute(batch, pending=None):
         time.sleep(0.05)
-        return execute(batch)
+        execute(batch, pending)
 
     fake.model_runner.execute = slow_execute
     engine = AsyncLLMEngine(fake)
@@ -156,7 +156,7 @@ async def test_the_event_loop_keeps_running_while_the_model_works(make_fake_engi
 async def test_a_failing_step_fails_every_stream_and_later_calls(make_fake_engine):
     fake = make_fake_engine()
 
-    def broken(batch):
+    def broken(batch, pending=None):
         raise RuntimeError("device lost")
 
     fake.model_runner.execute = broken

@@ -9,8 +9,8 @@ import random
 import torch
 
 from deepflow.engine.decode_graphs import DecodeInputs, GreedySamples, batch_ladder
+from deepflow.engine.outputs import PENDING_TOKEN, PendingTokens, ScheduledChunk
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, ScheduledChunk
 from deepflow.engine.sequence import Sequence
 
 BS, LARGEST, WIDTH = 4, 16, 12

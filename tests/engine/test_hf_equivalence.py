@@ -60,9 +60,9 @@ def record_batches(engine: LLMEngine) -> list[list[tuple[int, int, int]]]:
     steps: list[list[tuple[int, int, int]]] = []
     execute = engine.model_runner.execute
 
-    def recording(batch):
+    def recording(batch, pending=None):
         steps.append([(c.seq.seq_id, c.start, c.num_tokens) for c in batch.chunks])
-        return execute(batch)
+        execute(batch, pending)
 
     engine.model_runner.execute = recording
     return steps

@@ -14,13 +14,9 @@ import pytest
 import torch
 
 from deepflow.engine import kernels
+from deepflow.engine.kernels.metadata import build_fast_metadata
 from deepflow.engine.layers.activation import SiluAndMul
-from deepflow.engine.layers.attention import (
-    Attention,
-    AttentionMetadata,
-    build_fast_metadata,
-    store_kv,
-)
+from deepflow.engine.layers.attention import Attention, AttentionMetadata, store_kv
 from deepflow.engine.layers.norm import RMSNorm
 from deepflow.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from tests.engine.triton_setup import DEVICE, INTERPRET
@@ -242,13 +238,13 @@ def test_model_runner_fast_path_matches_reference(tiny_model_dirs, arch: str) ->
     mixed prefill step and a decode step that feeds a token still on the device."""
     from deepflow.engine.config import EngineConfig
     from deepflow.engine.model_runner import ModelRunner
-    from deepflow.engine.sampling_params import SamplingParams
-    from deepflow.engine.scheduler import (
+    from deepflow.engine.outputs import (
         PENDING_TOKEN,
         PendingTokens,
         ScheduledChunk,
         SchedulerOutput,
     )
+    from deepflow.engine.sampling_params import SamplingParams
     from deepflow.engine.sequence import Sequence
 
     def runner(backend: str) -> ModelRunner:
@@ -272,14 +268,16 @@ def test_model_runner_fast_path_matches_reference(tiny_model_dirs, arch: str) ->
     results = []
     for backend in ("torch", "triton"):
         r, (a, b, c) = runner(backend), seqs()
-        first = r.execute(
+        r.execute(
             SchedulerOutput([ScheduledChunk(a, 13), ScheduledChunk(b, 3), ScheduledChunk(c, 40)])
         )
+        first = r.logits.clone()
         a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 13, 3, 40
         a.token_ids.append(PENDING_TOKEN)  # sampled by the step before, still on the device
         pending = PendingTokens(torch.tensor([0, 321], device=DEV), {a.seq_id: 1})
         step = [ScheduledChunk(c, 30), ScheduledChunk(a, 1), ScheduledChunk(b, 1)]
-        second = r.execute(SchedulerOutput(step), pending)
+        r.execute(SchedulerOutput(step), pending)
+        second = r.logits.clone()
         results.append((first, second))
     (ref1, ref2), (fast1, fast2) = results
     assert fast1.shape == ref1.shape == (1, 512) and fast2.shape == (3, 512)

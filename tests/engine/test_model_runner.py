@@ -12,8 +12,8 @@ import torch
 
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.model_runner import ModelRunner
+from deepflow.engine.outputs import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence
 
 ATOL = 1e-4
@@ -33,7 +33,9 @@ def make_seq(seq_id: int, token_ids: list[int], blocks: list[int], computed: int
 
 
 def run(runner: ModelRunner, *chunks: tuple[Sequence, int], copies=()) -> torch.Tensor:
-    return runner.execute(SchedulerOutput([ScheduledChunk(s, n) for s, n in chunks], list(copies)))
+    """The step's logits (the runner keeps them for its sampler until the next step)."""
+    runner.execute(SchedulerOutput([ScheduledChunk(s, n) for s, n in chunks], list(copies)))
+    return runner.logits.clone()
 
 
 def tokens(n: int, seed: int, vocab: int = 512) -> list[int]:

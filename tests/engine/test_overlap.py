@@ -8,8 +8,8 @@ import pytest
 
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.llm_engine import LLMEngine
+from deepflow.engine.outputs import PENDING_TOKEN, PendingTokens
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens
 from tests.engine.conftest import assert_blocks_ok
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -104,7 +104,7 @@ def test_next_step_is_launched_before_the_last_samples_are_read(tiny_llama) -> N
                 assert isinstance(pending, PendingTokens)
                 assert chunk.seq.seq_id in pending.rows
                 fed_pending.append(chunk.seq.seq_id)
-        return execute(batch, pending)
+        execute(batch, pending)
 
     runner.execute = watching
     engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=6))

@@ -30,11 +30,11 @@ from deepflow.engine.llm_engine import LLMEngine
 from deepflow.engine.loader import checkpoint_files, load_weights
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
+from deepflow.engine.outputs import ScheduledChunk, SchedulerOutput
 from deepflow.engine.parallel.group import TPGroup
 from deepflow.engine.parallel.runner import SOURCE_ROOT, TensorParallelRunner, WorkerError
 from deepflow.engine.parallel.step import STEP
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -130,12 +130,14 @@ def mixed_steps(runner, vocab: int) -> list[torch.Tensor]:
         for i, n in enumerate((37, 9, 16))
     )
     first = [ScheduledChunk(a, 10), ScheduledChunk(b, 9), ScheduledChunk(c, 16)]
-    out = [runner.execute(SchedulerOutput(first))]
+    runner.execute(SchedulerOutput(first))
+    out = [runner.logits.clone()]
     a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 10, 9, 16
     b.token_ids.append(1)
     c.token_ids.append(2)
     step = [ScheduledChunk(a, 27), ScheduledChunk(b, 1), ScheduledChunk(c, 1)]
-    out.append(runner.execute(SchedulerOutput(step)))
+    runner.execute(SchedulerOutput(step))
+    out.append(runner.logits.clone())
     return out
 
 

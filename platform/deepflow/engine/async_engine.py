@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from deepflow.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
@@ -31,7 +31,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._cond = threading.Condition()
-        self._commands: list[Callable[[], None]] = []
+        self._commands: list[Callable[[], object]] = []
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -107,7 +107,7 @@ class AsyncLLMEngine:
         if self._stopped:
             raise EngineDeadError("the engine was shut down")
 
-    def _submit(self, command: Callable[[], None]) -> bool:
+    def _submit(self, command: Callable[[], object]) -> bool:
         """Queue a command for the loop thread (started on first use); False once it is dead."""
         with self._cond:
             if self._stopped or self.error is not None:
@@ -149,7 +149,7 @@ class AsyncLLMEngine:
                 for request_id in list(self.engine.requests):
                     self.engine.abort(request_id)
 
-    def _deliver_all(self, outputs: list[RequestOutput | None]) -> None:
+    def _deliver_all(self, outputs: Iterable[RequestOutput | None]) -> None:
         for output in outputs:
             if output is not None:
                 self._deliver(output.request_id, output)

@@ -10,26 +10,45 @@ staging buffer; block tables change every block_size tokens, so each running seq
 row of a device-side table store, a step sends only the rows that changed and gathers the
 batch's rows into the graph's table on the device (not at all when neither the rows nor the
 tables changed). Tokens the previous step sampled on the device are scattered in last. Each
-graph also samples its rows greedily (kernels/sampling.py) into a fixed buffer: where the
-engine's rows are all plain greedy, that is the step's sampling, with no launch of its own and
-one copy to the host. Only the Triton path is captured: the torch reference reads lengths back
-to the host, which a graph cannot.
+graph also samples its rows greedily (kernels/sampling.py) into a fixed buffer: where the rows
+the runner samples are all plain greedy, that is the step's sampling, with no launch of its own
+and one copy to the host (ModelRunner.sample decides). Only the Triton path is captured: the
+torch reference reads lengths back to the host, which a graph cannot.
+
+The graphs get what they run (the model, the device, the cache geometry) at construction and
+know nothing of the runner that owns them.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from deepflow.engine import kernels
-from deepflow.engine.layers.attention import AttentionMetadata, DecodeBatch, FastMetadata
-from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens
+from deepflow.engine.device import Device
+from deepflow.engine.kernels.metadata import DecodeBatch, FastMetadata
+from deepflow.engine.layers.attention import AttentionMetadata
+from deepflow.engine.models.decoder import DecoderForCausalLM
+from deepflow.engine.outputs import (
+    PENDING_TOKEN,
+    ModelRunnerOutput,
+    PendingTokens,
+    SampledBatch,
+    ScheduledChunk,
+    StepSequence,
+)
+from deepflow.engine.sampler import to_device
 
-if TYPE_CHECKING:
-    from deepflow.engine.model_runner import ModelRunner
-    from deepflow.engine.scheduler import ScheduledChunk
+Chunks = Sequence[ScheduledChunk[StepSequence]]
+
+
+class Graph(Protocol):
+    """A captured graph, as Device.graph makes it (the vendor's graph class)."""
+
+    def replay(self) -> None: ...
 
 
 def batch_ladder(largest: int) -> list[int]:
@@ -61,7 +80,7 @@ class DecodeInputs:
         """[4, size]: token ids, positions, slots, cached lengths of the graph of `size`."""
         return self.staging[: 4 * size].view(4, size)
 
-    def fill(self, chunks: list[ScheduledChunk], pending: PendingTokens | None, size: int) -> None:
+    def fill(self, chunks: Chunks, pending: PendingTokens | None, size: int) -> None:
         """Write the step's inputs for `chunks` (at most `size`; the rest is padding)."""
         bs, n, pad = self.block_size, len(chunks), size - len(chunks)
         ids, positions, slots, rows = [], [], [], []
@@ -138,18 +157,25 @@ class DecodeInputs:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, largest: int) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        device: Device,
+        largest: int,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.model, self.device = model, device
         self.sizes = batch_ladder(largest)
         self.largest = largest
-        device = runner.device.torch_device
-        width = -(-runner.max_model_len // runner.block_size)
-        self.inputs = DecodeInputs(largest, width, runner.block_size, device)
-        self.rows = torch.arange(largest, device=device)
-        self.sampled = torch.zeros(2 * largest, dtype=torch.int64, device=device)
+        torch_device = device.torch_device
+        width = -(-max_model_len // block_size)
+        self.inputs = DecodeInputs(largest, width, block_size, torch_device)
+        self.rows = torch.arange(largest, device=torch_device)
+        self.sampled = torch.zeros(2 * largest, dtype=torch.int64, device=torch_device)
         """Each graph of size s also samples greedily (kernels/sampling.py): the argmax of row
         i at sampled[i], its float32 log-probability in the bits of sampled[s:2 * s]."""
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[int, Graph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
 
@@ -164,8 +190,7 @@ class DecodeGraphs:
             chunk_lens=[1] * size,
             fast=FastMetadata(decode, None, decode_writes=True),
         )
-        model = self.runner.model
-        logits = model.compute_logits(model(ids, positions, meta)).float()
+        logits = self.model.compute_logits(self.model(ids, positions, meta)).float()
         from deepflow.engine.kernels.sampling import greedy
 
         greedy(logits, out=self.greedy_buffers(size))
@@ -177,7 +202,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        device = self.runner.device
+        device = self.device
         pool = device.graph_pool_handle()
         # An unreachable engine's graphs must not be freed mid-capture: a graph destroyed
         # while a stream captures invalidates the capture. Collect them now, then keep the
@@ -202,27 +227,24 @@ class DecodeGraphs:
             if was_enabled:
                 gc.enable()
 
-    def fits(self, chunks: list[ScheduledChunk]) -> bool:
+    def fits(self, chunks: Chunks) -> bool:
         return len(chunks) <= self.largest and all(c.num_tokens == 1 for c in chunks)
 
     def run(
-        self, chunks: list[ScheduledChunk], pending: PendingTokens | None, greedy: bool = False
+        self, chunks: Chunks, pending: PendingTokens | None
     ) -> tuple[torch.Tensor, GreedySamples | None]:
-        """float32 logits [chunks that need them, vocab] and, with `greedy` (the caller samples
-        every row greedily, before the next step), the graph's own greedy samples. Without
-        `greedy` the logits are a copy (the graph reuses its output); with it they are the
-        graph's output itself, valid until the next replay is queued."""
+        """float32 logits [chunks that need them, vocab] and, when every chunk needs them, the
+        greedy samples the graph took of them. Both are the graph's own buffers (no copy):
+        valid until the next replay is queued, so the caller samples before it runs again."""
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
         self.inputs.fill(chunks, pending, size)
-        self.graphs[size].replay()  # type: ignore[attr-defined]
+        self.graphs[size].replay()
         logits = self.outputs[size][:n]
         if not all(c.needs_logits for c in chunks):
             rows = [i for i, c in enumerate(chunks) if c.needs_logits]
-            return logits[self.runner.to_device(rows)], None
-        if greedy:
-            return logits, GreedySamples(self.sampled[: 2 * size], n, size)
-        return logits.clone(), None
+            return logits[to_device(rows, logits.device, torch.int64)], None
+        return logits, GreedySamples(self.sampled[: 2 * size], n, size)
 
 
 class GreedySamples:
@@ -240,3 +262,11 @@ class GreedySamples:
         """(tokens, logprobs) from the host copy of `packed`."""
         n, size = self.n, self.size
         return host[:n].tolist(), host[size : 2 * size].view(torch.float32)[:n].tolist()
+
+    def sampled(self) -> SampledBatch:
+        """These samples as the step's, their copy to the host started."""
+        return SampledBatch(self.tokens, [self.packed], self._result)
+
+    def _result(self, host: list[torch.Tensor]) -> ModelRunnerOutput:
+        tokens, logprobs = self.unpack(host[0])
+        return ModelRunnerOutput(tokens, logprobs, [None] * len(tokens))

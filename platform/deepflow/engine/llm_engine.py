@@ -1,4 +1,10 @@
-"""The engine loop: admit requests, then step (schedule, run, sample, collect) until done.
+"""The engine core: admit requests, then step (schedule, execute, update) until they are done.
+
+A step is the scheduler's batch, the runner's forward pass and samples (runner.py: the engine
+sees tokens, never logits), the scheduler's bookkeeping, and the output processor's pass over the
+new tokens (output_processor.py: text, stops, one RequestOutput per request). Here live what
+touches the scheduler: forking a prompt's n samples onto its blocks, freeing what finished,
+aborts.
 
 With async scheduling (on accelerators) a step schedules and launches step N+1 before it reads
 step N's samples: N's tokens stand in the sequences as PENDING_TOKEN and reach N+1's inputs on
@@ -10,55 +16,29 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.detokenizer import IncrementalDetokenizer, decode_windows
-from deepflow.engine.sampler import Logprob, SampledBatch, Sampler, SamplerOutput, to_device
+from deepflow.engine.output_processor import (
+    CompletionOutput,
+    OutputProcessor,
+    RequestMetrics,
+    RequestOutput,
+)
+from deepflow.engine.outputs import (
+    PENDING_TOKEN,
+    ModelRunnerOutput,
+    PendingTokens,
+    SampledBatch,
+    SchedulerOutput,
+)
+from deepflow.engine.runner import Runner
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens, Scheduler
+from deepflow.engine.scheduler import Scheduler
 from deepflow.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
-
-@dataclass(slots=True)
-class CompletionOutput:
-    index: int
-    text: str
-    """All text so far (while streaming, less a possible stop string's beginning)."""
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None
-    """'stop' | 'length' | 'abort' once finished."""
-    stop_reason: int | str | None = None
-    """The stop token id or stop string that ended it (None for EOS)."""
-    delta_text: str = ""
-    """Text new since the previous output of this request: what a stream sends."""
-    delta_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    arrival_time: float
-    first_token_time: float | None
-    finished_time: float | None
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
+__all__ = ["CompletionOutput", "EngineStats", "LLMEngine", "RequestMetrics", "RequestOutput"]
 
 
 @dataclass(slots=True)
@@ -89,7 +69,7 @@ class _InFlight:
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, model_runner: Any = None, tokenizer: Any = None
+        self, config: EngineConfig, model_runner: Runner | None = None, tokenizer: Any = None
     ) -> None:
         """``model_runner`` and ``tokenizer`` default to the ones built from ``config.model``."""
         if model_runner is None:
@@ -106,30 +86,16 @@ class LLMEngine:
         block_size, num_blocks = model_runner.block_size, model_runner.num_blocks
         # One sequence may never need more blocks than exist, or preemption could not help it.
         self.max_model_len = min(model_runner.max_model_len, num_blocks * block_size)
-        self.vocab_size = model_runner.model_config.vocab_size
+        self.vocab_size = model_runner.vocab_size
         self.eos_token_ids = list(tokenizer.eos_token_ids)
         self.scheduler = Scheduler(config, num_blocks, block_size)
-        self.sampler = Sampler(config.seed)
-        self.requests: dict[str, SequenceGroup] = {}
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, SequenceGroup] = self.output.requests
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
         overlap = config.async_scheduling
-        if overlap is None:
-            overlap = getattr(getattr(model_runner, "device", None), "is_accelerator", False)
-        # A runner must be able to feed tokens still on the device (ModelRunner can).
-        self.async_scheduling = bool(overlap) and getattr(
-            model_runner, "supports_pending_tokens", False
-        )
+        self.async_scheduling = model_runner.device.is_accelerator if overlap is None else overlap
         self._inflight: _InFlight | None = None
-        # This loop samples each step's logits before it queues anything else, so a runner
-        # that can (ModelRunner) samples plain greedy decode steps inside its decode graphs.
-        self._graph_greedy = self.async_scheduling and getattr(
-            model_runner, "supports_graph_greedy", False
-        )
-        if self._graph_greedy:
-            model_runner.graph_greedy = True
 
     @classmethod
     def from_model(cls, model_dir: str, **kwargs: Any) -> LLMEngine:
@@ -204,17 +170,11 @@ class LLMEngine:
     def admit(self, group: SequenceGroup) -> None:
         if group.request_id in self.requests:
             raise ValueError(f"request {group.request_id!r} already exists")
+        seq_id, arrival = next(self._seq_ids), next(self._arrivals)
         seq = Sequence(
-            next(self._seq_ids),
-            group.request_id,
-            group.prompt_token_ids,
-            group.params,
-            group.priority,
-            next(self._arrivals),
+            seq_id, group.request_id, group.prompt_token_ids, group.params, group.priority, arrival
         )
-        self._attach_detokenizer(seq)
-        group.seqs.append(seq)
-        self.requests[group.request_id] = group
+        self.output.add_request(group, seq)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -222,18 +182,13 @@ class LLMEngine:
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
-        for seq in group.seqs:
-            if not seq.is_finished:
-                if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by a step still in flight
-                    seq.token_ids.pop()
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-                if not group.stream:  # the text so far is all its final output has
-                    assert seq.detokenizer is not None
-                    seq.detokenizer.catch_up()
-                    seq.detokenizer.take_delta(True)
-        group.finished_time = time.time()
-        return self._output(group, {} if group.stream else None)
+        ended = [seq for seq in group.seqs if not seq.is_finished]
+        for seq in ended:
+            if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by a step still in flight
+                seq.token_ids.pop()
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        return self.output.aborted(group, ended)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -243,17 +198,12 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         s, bm = self.scheduler, self.scheduler.block_manager
+        out = self.output
         return EngineStats(
-            len(s.running),
-            len(s.waiting),
-            bm.usage,
-            bm.num_blocks,
-            self.prompt_tokens,
-            self.generation_tokens,
-            s.prefix_cache_queried_tokens,
-            s.prefix_cache_hit_tokens,
+            len(s.running), len(s.waiting), bm.usage, bm.num_blocks, out.prompt_tokens,
+            out.generation_tokens, s.prefix_cache_queried_tokens, s.prefix_cache_hit_tokens,
             s.num_preemptions,
-        )
+        )  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -262,30 +212,14 @@ class LLMEngine:
         if not self.async_scheduling:
             return self._step_sync()
         batch = self.scheduler.schedule()
-        sampling = [c.seq for c in batch.chunks if c.needs_logits]
         prev, self._inflight = self._inflight, None
         if batch.chunks:
-            pending = prev.pending() if prev is not None else None
-            logits = self.model_runner.execute(batch, pending)
-        done = prev.sampled.result() if prev is not None else None  # the step's one wait
-        if prev is not None and done is not None:
-            for seq, token in zip(prev.seqs, done.token_ids, strict=True):
-                if not seq.is_finished:
-                    seq.token_ids[-1] = token
-        if batch.chunks:
-            self.scheduler.update(batch)
-            if sampling:
-                seqs, rows = self._fork_samples(sampling)
-                picked = self._rows(logits, rows)
-                taken = self.model_runner.greedy_samples(picked) if self._graph_greedy else None
-                if taken is not None:  # sampled by the decode graph
-                    sampled = self.sampler.sample(picked, seqs, self.eos_token_ids, taken)
-                else:
-                    sampled = self.sampler.sample(picked, seqs, self.eos_token_ids)
-                self._inflight = _InFlight(seqs, sampled)
+            self.model_runner.execute(batch, prev.pending() if prev is not None else None)
+        done = self._land(prev) if prev is not None else None  # the step's one wait
+        self._inflight = self._update_and_sample(batch)
         outputs = []
         if prev is not None and done is not None:
-            outputs = self._postprocess(prev.seqs, done, appended=True)
+            outputs = self._emit(prev.seqs, done, appended=True)
         if self._inflight is not None:
             self._append_pending(self._inflight.seqs)
         return outputs
@@ -294,20 +228,41 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
-        sampling = [c.seq for c in batch.chunks if c.needs_logits]
-        logits = self.model_runner.execute(batch)
+        self.model_runner.execute(batch)
+        inflight = self._update_and_sample(batch)
+        if inflight is None:
+            return []
+        return self._emit(inflight.seqs, inflight.sampled.result())
+
+    def _land(self, prev: _InFlight) -> ModelRunnerOutput:
+        """Wait for a launched step's samples and write them over its PENDING_TOKENs."""
+        done = prev.sampled.result()
+        for seq, token in zip(prev.seqs, done.token_ids, strict=True):
+            if not seq.is_finished:
+                seq.token_ids[-1] = token
+        return done
+
+    def _update_and_sample(self, batch: SchedulerOutput[Sequence]) -> _InFlight | None:
+        """Book the step's tokens as computed, fork prompts into their n samples, and have the
+        runner sample every sequence whose chunk reached its last token."""
+        if not batch.chunks:
+            return None
+        sampling = [c.seq for c in batch.chunks if c.needs_logits]  # before update moves starts
         self.scheduler.update(batch)
         if not sampling:
-            return []
+            return None
         seqs, rows = self._fork_samples(sampling)
-        sampled = self.sampler(self._rows(logits, rows), seqs, self.eos_token_ids)
-        return self._postprocess(seqs, sampled)
+        return _InFlight(seqs, self.model_runner.sample(seqs, self.eos_token_ids, rows))
 
-    @staticmethod
-    def _rows(logits: Any, rows: list[int]) -> Any:
-        if rows == list(range(len(logits))):
-            return logits
-        return logits[to_device(rows, logits.device, torch.int64)]
+    def _emit(
+        self, seqs: list[Sequence], sampled: ModelRunnerOutput, appended: bool = False
+    ) -> list[RequestOutput]:
+        """The output processor's pass; the sequences it ended give their blocks back before
+        it collects the outputs (a request finishes when all its samples have)."""
+        processed = self.output.process(seqs, sampled, appended)
+        for seq in processed.finished:
+            self.scheduler.finish(seq)
+        return self.output.collect(processed)
 
     def _append_pending(self, seqs: list[Sequence]) -> None:
         """Stand the in-flight samples in; a sequence one surely ends is not scheduled again."""
@@ -323,162 +278,20 @@ class LLMEngine:
             ) or len(tokens) >= limit:
                 finishing.add(seq.seq_id)
 
-    def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
-        """The logits row of each sequence to sample; a prompt just prefilled for ``n`` samples
-        forks into n sequences on its blocks, all sampling from its row."""
+    def _fork_samples(self, sampling: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
+        """The sequences to sample and each one's logits row (None: one row each, in order). A
+        prompt just prefilled for ``n`` samples forks into n sequences on its blocks, all
+        sampling from its row."""
         seqs: list[Sequence] = []
         rows: list[int] = []
         for row, seq in enumerate(sampling):
-            group = [seq]
+            seqs.append(seq)
+            rows.append(row)
             if seq.params.n > 1 and seq.index == 0 and seq.num_output_tokens == 0:
                 for index in range(1, seq.params.n):
                     child = seq.fork(next(self._seq_ids), index)
-                    self._attach_detokenizer(child)
                     self.scheduler.fork(seq, child)
-                    self.requests[seq.request_id].seqs.append(child)
-                    group.append(child)
-            seqs += group
-            rows += [row] * len(group)
-        return seqs, rows
-
-    def _postprocess(
-        self, seqs: list[Sequence], sampled: SamplerOutput, appended: bool = False
-    ) -> list[RequestOutput]:
-        """Emit the sampled tokens; ``appended``: they already stand in ``seqs`` (async). Only
-        streamed requests get an output per step; the others only their final one."""
-        now = time.time()
-        requests, finished = self.requests, SequenceStatus.FINISHED
-        live: list[tuple[Sequence, int, SequenceGroup]] = []
-        for seq, token, logprob, top in zip(
-            seqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs, strict=True
-        ):
-            if seq.status is finished:  # aborted, or ended by the step before (async)
-                continue
-            if not appended:
-                seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if top is not None and seq.logprobs is not None:
-                for tid, lp in top.items():
-                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
-                seq.logprobs.append(top)
-            group = requests[seq.request_id]
-            if group.first_token_time is None:
-                group.first_token_time = now
-                self.prompt_tokens += len(group.prompt_token_ids)
-            live.append((seq, token, group))
-        self.generation_tokens += len(live)
-        texts = self._detokenize_and_check(live)
-        deltas: dict[str, dict[int, tuple[str, list[int]]]] = {}
-        ended: dict[str, SequenceGroup] = {}
-        for (seq, token, group), text in zip(live, texts, strict=True):
-            if group.stream:
-                deltas.setdefault(seq.request_id, {})[seq.index] = (text, [token])
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                ended[seq.request_id] = group
-        return self._collect(deltas, ended, now)
-
-    def _collect(
-        self,
-        deltas: dict[str, dict[int, tuple[str, list[int]]]],
-        ended: dict[str, SequenceGroup],
-        now: float,
-    ) -> list[RequestOutput]:
-        """Outputs of the streamed requests that got tokens and of the others that finished."""
-        requests, outputs = self.requests, []
-        for request_id, group_deltas in deltas.items():
-            group = requests[request_id]
-            if request_id in ended and group.is_finished:
-                group.finished_time = now
-                del requests[request_id]
-            outputs.append(self._output(group, group_deltas))
-        for request_id, group in ended.items():
-            if not group.stream and group.is_finished:
-                group.finished_time = now
-                del requests[request_id]
-                outputs.append(self._output(group, None))
-        return outputs
-
-    def _detokenize_and_check(self, live: list[tuple[Sequence, int, SequenceGroup]]) -> list[str]:
-        """Set finish_reason where the new token ends its sequence; each one's text delta. A
-        sequence nobody reads before it ends (not streamed, no stop strings) defers its text;
-        the others' windows decode in one batch."""
-        eos = self.eos_token_ids
-        windows: list[list[int]] = []
-        skips: list[bool] = []
-        readers: list[Sequence] = []
-        for seq, token, group in live:
-            params, detok = seq.params, seq.detokenizer
-            assert detok is not None
-            stop_ids = params.stop_token_ids or ()
-            if token in stop_ids or (token in eos and not params.ignore_eos):
-                seq.finish_reason = "stop"
-                seq.stop_reason = token if token in stop_ids else None
-            if seq.finish_reason is None or params.include_stop_str_in_output:
-                if not group.stream and not detok.stop_strings:
-                    detok.defer(token)
-                else:
-                    windows += detok.window(token)
-                    skips += [detok.skip_special_tokens] * 2
-                    readers.append(seq)
-        decoded = decode_windows(self.tokenizer, windows, skips)
-        for i, seq in enumerate(readers):
-            assert seq.detokenizer is not None
-            new = seq.detokenizer.accept(decoded[2 * i], decoded[2 * i + 1])
-            if seq.finish_reason is None and seq.num_output_tokens >= seq.params.min_tokens:
-                stop = seq.detokenizer.find_stop(len(new))
-                if stop is not None:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-        return [self._take_text(seq, group.stream) for seq, _, group in live]
-
-    def _take_text(self, seq: Sequence, stream: bool) -> str:
-        """Finish at the length limits; the text delta to emit now."""
-        detok = seq.detokenizer
-        assert detok is not None
-        if seq.finish_reason is None and (
-            seq.num_output_tokens == seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
-            seq.finish_reason = "length"
-        if seq.finish_reason is None:
-            return "" if not stream and not detok.stop_strings else detok.take_delta(False)
-        if not isinstance(seq.stop_reason, str):
-            detok.flush()
-        return detok.take_delta(True)
-
-    def _attach_detokenizer(self, seq: Sequence) -> None:
-        prompt = seq.token_ids[: seq.num_prompt_tokens]
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, seq.params)
-
-    def _output(
-        self, group: SequenceGroup, deltas: dict[int, tuple[str, list[int]]] | None
-    ) -> RequestOutput:
-        """``deltas`` None: the request's only output, whose deltas are everything."""
-        outputs = []
-        for seq in group.seqs:
-            assert seq.detokenizer is not None
-            if deltas is None:
-                delta_text, delta_ids = seq.detokenizer.emitted_text, seq.output_token_ids
-            else:
-                delta_text, delta_ids = deltas.get(seq.index, ("", []))
-            outputs.append(
-                CompletionOutput(
-                    seq.index,
-                    seq.detokenizer.emitted_text,
-                    seq.output_token_ids,
-                    seq.cumulative_logprob,
-                    None if seq.logprobs is None else list(seq.logprobs),
-                    seq.finish_reason,
-                    seq.stop_reason,
-                    delta_text,
-                    delta_ids,
-                )
-            )
-        metrics = RequestMetrics(group.arrival_time, group.first_token_time, group.finished_time)
-        return RequestOutput(
-            group.request_id,
-            group.prompt,
-            group.prompt_token_ids,
-            outputs,
-            group.is_finished,
-            metrics,
-        )
+                    self.output.add_sample(child)
+                    seqs.append(child)
+                    rows.append(row)
+        return seqs, rows if len(seqs) > len(sampling) else None

@@ -1,4 +1,4 @@
-"""`ModelRunner`: owns the model and its paged KV cache, and runs one scheduled step.
+"""`ModelRunner`: owns the model and its paged KV cache, runs one scheduled step and samples it.
 
 The step's chunks (prefill chunks and decodes, any mix) become one flat batch of new tokens,
 with each token's cache slot and each chunk's block table; the model writes the new K/V into
@@ -8,11 +8,15 @@ off with `enforce_eager`); elsewhere the torch reference layers run eagerly. Sta
 worst-case step before sizing the KV cache, which also compiles the kernels. Under tensor
 parallelism one ModelRunner runs per rank, given its `tp` group, and holds that rank's shard of
 the weights and of the KV heads (deepflow.engine.parallel.runner drives them).
+
+It implements the engine's `Runner` protocol (runner.py): `execute` keeps the step's logits on
+the device and `sample` draws from them, serving a decode graph's own greedy samples where
+they are the answer (every row plain greedy, one row per sequence).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence as Seq
 
 import torch
 
@@ -20,26 +24,29 @@ from deepflow.engine import kernels
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.decode_graphs import DecodeGraphs, GreedySamples
 from deepflow.engine.device import Device
-from deepflow.engine.layers.attention import AttentionMetadata, build_fast_metadata
+from deepflow.engine.kernels.metadata import build_fast_metadata
+from deepflow.engine.layers.attention import AttentionMetadata
 from deepflow.engine.loader import load_weights
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.models.decoder import DecoderForCausalLM
+from deepflow.engine.outputs import (
+    PENDING_TOKEN,
+    PendingTokens,
+    SampledBatch,
+    ScheduledChunk,
+    SchedulerOutput,
+    StepSequence,
+)
 from deepflow.engine.parallel.group import TPGroup
-from deepflow.engine.sampler import plain_greedy
-from deepflow.engine.scheduler import PENDING_TOKEN, PendingTokens
+from deepflow.engine.sampler import Sampler, plain_greedy
+from deepflow.engine.sequence import Sequence
 
-if TYPE_CHECKING:
-    from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
+Chunks = Seq[ScheduledChunk[StepSequence]]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelRunner:
-    supports_pending_tokens = True
-    """execute() takes the previous step's tokens on the device (the engine's async scheduling)."""
-    supports_graph_greedy = True
-    """With graph_greedy set, a decode step of plain greedy rows is sampled inside its graph."""
-
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None) -> None:
         self.tp = tp or TPGroup()
         if config.tensor_parallel_size != self.tp.size:
@@ -60,11 +67,14 @@ class ModelRunner:
         self.num_blocks = self._count_blocks()
         self.kv_cache = self._allocate_cache()
         self.graphs = self._capture_graphs()
-        self.graph_greedy = False
-        """Set by a caller that samples each step's logits before it queues anything else (the
-        engine's async loop): a decode graph step whose rows are all plain greedy then returns
-        the graph's own logits buffer (no copy) and its samples (greedy_samples)."""
-        self._greedy: tuple[torch.Tensor, GreedySamples] | None = None
+        self.sampler = Sampler(config.seed)
+        self._logits = torch.empty(0, self.vocab_size, device=self.device.torch_device)
+        self._greedy: GreedySamples | None = None
+        """The last step's greedy samples taken inside its decode graph, if it replayed one."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
 
     def _pick_dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
@@ -95,8 +105,6 @@ class ModelRunner:
         if not self.device.is_accelerator:
             return 0
         from deepflow.engine.sampling_params import SamplingParams
-        from deepflow.engine.scheduler import ScheduledChunk
-        from deepflow.engine.sequence import Sequence
 
         bs, budget = self.block_size, self.config.max_num_batched_tokens
         decodes = max(0, min(self.config.max_num_seqs - 1, budget // 2, 32))
@@ -135,7 +143,7 @@ class ModelRunner:
         ):
             return None
         largest = self.config.max_graph_batch_size or min(self.config.max_num_seqs, 512)
-        return DecodeGraphs(self, largest)
+        return DecodeGraphs(self.model, self.device, largest, self.block_size, self.max_model_len)
 
     @property
     def bytes_per_block(self) -> int:
@@ -204,7 +212,7 @@ class ModelRunner:
         return tensor
 
     def prepare(
-        self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
+        self, chunks: Chunks, pending: PendingTokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input ids, positions, attention metadata, rows that need logits) for one step.
         A sequence's last token may still be on the device (PENDING_TOKEN): `pending` has it."""
@@ -248,31 +256,42 @@ class ModelRunner:
         return input_ids, positions_t, meta, rows
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
-        """float32 logits [chunks that need them, vocab], in chunk order, on the device.
+    def execute(
+        self, batch: SchedulerOutput[StepSequence], pending: PendingTokens | None = None
+    ) -> None:
+        """Queue the step's forward pass; its float32 logits [chunks that need them, vocab], in
+        chunk order, stay on the device (`logits`) for sample(), until the next execute().
         `pending`: the previous step's sampled tokens, for sequences whose last token is
         PENDING_TOKEN (the engine schedules a step before the one before it has finished)."""
         self._greedy = None
         self.copy_blocks(batch.block_copies)
         if not batch.chunks:
-            return torch.empty(0, self.model_config.vocab_size, device=self.device.torch_device)
-        if self.graphs is not None and self.graphs.fits(batch.chunks):
-            greedy = self.graph_greedy and all(plain_greedy(c.seq) for c in batch.chunks)
-            logits, samples = self.graphs.run(batch.chunks, pending, greedy)
-            if samples is not None:
-                self._greedy = (logits, samples)
-            return logits
-        return self._run_eager(batch.chunks, pending)
+            self._logits = self._logits[:0]
+        elif self.graphs is not None and self.graphs.fits(batch.chunks):
+            self._logits, self._greedy = self.graphs.run(batch.chunks, pending)
+        else:
+            self._logits = self._run_eager(batch.chunks, pending)
 
-    def greedy_samples(self, logits: torch.Tensor) -> GreedySamples | None:
-        """The samples the last step's graph took of exactly these logits, if it did."""
-        if self._greedy is not None and self._greedy[0] is logits:
-            return self._greedy[1]
-        return None
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last step's logits (a decode graph's own buffer: read before the next step)."""
+        return self._logits
 
-    def _run_eager(
-        self, chunks: list[ScheduledChunk], pending: PendingTokens | None
-    ) -> torch.Tensor:
+    def sample(
+        self, seqs: list[Sequence], eos_token_ids: list[int], rows: list[int] | None = None
+    ) -> SampledBatch:
+        """The Runner protocol's sample (runner.py). The decode graph sampled its rows greedily
+        with the sampler's own kernel: where that is the answer, its samples are the step's."""
+        greedy, self._greedy = self._greedy, None
+        if (
+            greedy is not None
+            and (rows is None and greedy.n == len(seqs))  # one row per sequence, in order
+            and all(plain_greedy(s) for s in seqs)
+        ):
+            return greedy.sampled()
+        return self.sampler.sample(self._logits, seqs, eos_token_ids, rows)
+
+    def _run_eager(self, chunks: Chunks, pending: PendingTokens | None) -> torch.Tensor:
         prepared = self.prepare(chunks) if pending is None else self.prepare(chunks, pending)
         input_ids, positions, meta, logit_rows = prepared
         with kernels.use_backend(self.backend):

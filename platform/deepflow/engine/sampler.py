@@ -11,32 +11,13 @@ pinned memory), so the engine can queue the next step's forward before reading t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 import torch
 
+from deepflow.engine.outputs import Logprob, ModelRunnerOutput, SampledBatch
 from deepflow.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from deepflow.engine.decode_graphs import GreedySamples
-
-
-@dataclass(slots=True)
-class Logprob:
-    logprob: float
-    rank: int
-    """1 for the most likely token."""
-    decoded_token: str | None = None
-
-
-@dataclass(slots=True)
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]
-    """The chosen tokens' raw logprobs."""
-    top_logprobs: list[dict[int, Logprob] | None]
-    """Per row: the chosen token and the N most likely, where SamplingParams.logprobs=N."""
 
 
 def to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -47,42 +28,6 @@ def to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> to
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-class SampledBatch:
-    """One step's samples on the device, their copy to the host under way."""
-
-    def __init__(
-        self,
-        tokens: torch.Tensor,
-        logprobs: torch.Tensor,
-        top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-        wanted: list[int | None],
-        packed: GreedySamples | None = None,
-    ) -> None:
-        """`packed`: a decode graph's greedy samples (tokens and logprobs in one buffer, one
-        copy to the host); `logprobs` and `top` are then unused."""
-        self.tokens = tokens
-        """[rows] int64: the sampled ids, which the next step may feed before they are read."""
-        self.wanted = wanted
-        self._packed = packed
-        device_side = [packed.packed] if packed is not None else [tokens, logprobs, *(top or ())]
-        if tokens.device.type == "cpu":
-            self._host, self._done = device_side, None
-        else:
-            self._host = [t.to("cpu", non_blocking=True) for t in device_side]
-            self._done = torch.Event(device=tokens.device)
-            self._done.record()
-
-    def result(self) -> SamplerOutput:
-        """Wait for the copy (the step's one host synchronisation) and unpack it."""
-        if self._done is not None:
-            self._done.synchronize()
-        if self._packed is not None:
-            tokens, logprobs = self._packed.unpack(self._host[0])
-            return SamplerOutput(tokens, logprobs, [None] * len(tokens))
-        tokens, logprobs, *top = (t.tolist() for t in self._host)
-        return SamplerOutput(tokens, logprobs, _unpack_top(top, tokens, logprobs, self.wanted))
-
-
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -90,7 +35,7 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]
-    ) -> SamplerOutput:
+    ) -> ModelRunnerOutput:
         return self.sample(logits, seqs, eos_token_ids).result()
 
     def sample(
@@ -98,18 +43,19 @@ class Sampler:
         logits: torch.Tensor,
         seqs: list[Sequence],
         eos_token_ids: list[int],
-        greedy: GreedySamples | None = None,
+        rows: list[int] | None = None,
     ) -> SampledBatch:
-        """`greedy`: the samples a decode graph already took of these logits with the same
-        kernel, used where every row is plain greedy."""
+        """`rows`: the logits row of each sequence, where several share one (a prompt's n
+        samples); None: row i is seqs[i]'s."""
+        if rows is not None:
+            logits = logits[to_device(rows, logits.device, torch.int64)]
         logits = logits.float()
-        if greedy is not None and greedy.n == len(seqs) and _fused_greedy(logits, seqs):
-            return SampledBatch(greedy.tokens, greedy.tokens, None, [None] * len(seqs), greedy)
-        if _fused_greedy(logits, seqs):
+        if _fused_greedy(logits, seqs):  # no row wants top logprobs
             from deepflow.engine.kernels.sampling import greedy
 
             tokens, chosen = greedy(logits)
-            return SampledBatch(tokens, chosen, None, [None] * len(seqs))
+            unpack = partial(_unpack, wanted=[None] * len(seqs))
+            return SampledBatch(tokens, [tokens, chosen], unpack)
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
         _mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
@@ -117,11 +63,13 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if random_rows:
-            rows = to_device(random_rows, logits.device, torch.int64)
-            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in random_rows])
+            index = to_device(random_rows, logits.device, torch.int64)
+            tokens[index] = self._draw(logits[index], [seqs[i] for i in random_rows])
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         wanted = [s.params.logprobs for s in seqs]
-        return SampledBatch(tokens, chosen, _top_logprobs(raw_logprobs, tokens, wanted), wanted)
+        top = _top_logprobs(raw_logprobs, tokens, wanted)
+        device_side = [tokens, chosen, *(top or ())]
+        return SampledBatch(tokens, device_side, partial(_unpack, wanted=wanted))
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
@@ -142,7 +90,9 @@ class Sampler:
             if seq.params.seed is None:
                 continue
             if seq.generator is None:
-                seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
+                seed = seq.seed
+                assert seed is not None  # params.seed is set
+                seq.generator = torch.Generator(device=device).manual_seed(seed)
             out[i] = torch.multinomial(probs[i], 1, generator=seq.generator)[0]
         return out
 
@@ -271,6 +221,11 @@ def _top_logprobs(
     chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
     ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
     return ranks, top_values, top_ids
+
+
+def _unpack(host: list[torch.Tensor], wanted: list[int | None]) -> ModelRunnerOutput:
+    tokens, logprobs, *top = (t.tolist() for t in host)
+    return ModelRunnerOutput(tokens, logprobs, _unpack_top(top, tokens, logprobs, wanted))
 
 
 def _unpack_top(

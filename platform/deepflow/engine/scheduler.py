@@ -11,50 +11,11 @@ sequence therefore always progresses and everyone else becomes the most importan
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Any
 
 from deepflow.engine.block_manager import BlockManager
 from deepflow.engine.config import EngineConfig
+from deepflow.engine.outputs import ScheduledChunk, SchedulerOutput
 from deepflow.engine.sequence import Sequence, SequenceStatus
-
-PENDING_TOKEN = -1
-"""Stands in a sequence's token_ids for a token the previous step sampled that has not reached
-the host yet (async scheduling); the runner feeds it from `PendingTokens` on the device."""
-
-
-@dataclass(slots=True)
-class PendingTokens:
-    """The previous step's sampled tokens, still on the device."""
-
-    tokens: Any  # torch.Tensor [rows] int64
-    rows: dict[int, int]  # seq_id -> its row in `tokens`
-
-
-@dataclass(slots=True)
-class ScheduledChunk:
-    seq: Sequence
-    num_tokens: int
-    """Feed seq.token_ids[start : start + num_tokens]."""
-
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
-
-    @property
-    def needs_logits(self) -> bool:
-        return self.start + self.num_tokens == len(self.seq.token_ids)
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """(src, dst) blocks the runner copies before the step (copy-on-write)."""
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -72,7 +33,7 @@ class Scheduler:
         self.finishing: set[int] = set()
         """Sequences whose in-flight sample surely ends them (async scheduling): not scheduled."""
         self._budget = 0
-        self._chunks: dict[int, ScheduledChunk] = {}
+        self._chunks: dict[int, ScheduledChunk[Sequence]] = {}
         self._copies: dict[int, list[tuple[int, int]]] = {}
 
     def has_unfinished(self) -> bool:
@@ -97,7 +58,7 @@ class Scheduler:
         self.finishing.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput[Sequence]:
         self._budget = self.max_num_batched_tokens
         self._chunks, self._copies = {}, {}
         decodes = [
@@ -113,7 +74,7 @@ class Scheduler:
         copies = [c for seq_id in self._chunks for c in self._copies.get(seq_id, [])]
         return SchedulerOutput(list(self._chunks.values()), copies)
 
-    def update(self, batch: SchedulerOutput) -> None:
+    def update(self, batch: SchedulerOutput[Sequence]) -> None:
         """The step ran: its tokens' K/V are in the cache."""
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens

@@ -10,7 +10,7 @@ from deepflow.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from deepflow.engine.detokenizer import IncrementalDetokenizer
-    from deepflow.engine.sampler import Logprob
+    from deepflow.engine.outputs import Logprob
 
 
 class SequenceStatus(enum.Enum):

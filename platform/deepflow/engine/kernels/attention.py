@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepflow.engine.layers.attention import PREFILL_TILE, DecodeBatch, PrefillBatch
+from deepflow.engine.kernels.metadata import PREFILL_TILE, DecodeBatch, PrefillBatch
 
 LOG2E = 1.4426950408889634
 SPLIT_BELOW_PROGRAMS = 128

@@ -8,56 +8,20 @@ token, to positions <= s + i, so prefill chunks, chunked prefill and decodes (ch
 token) are the same computation and may share a batch.
 
 This path is exact, runs on any torch device, and is the oracle faster kernels are tested
-against; clarity beats speed here. When the runner fills `AttentionMetadata.fast`, the same
-layer runs the Triton kernels of deepflow.engine.kernels.attention instead.
+against; clarity beats speed here. When the runner fills `AttentionMetadata.fast` (the kernels'
+own view of the step, kernels/metadata.py), the same layer runs the Triton kernels of
+deepflow.engine.kernels.attention instead.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(slots=True)
-class DecodeBatch:
-    """The step's single-token chunks, as device tensors, for the decode kernel."""
-
-    rows: torch.Tensor  # [B] row of the chunk's token in q / out
-    cached: torch.Tensor  # [B] positions before the new token (all already in the cache)
-    tables: torch.Tensor  # [B, max_blocks] block tables
-    slots: torch.Tensor  # [B] the new token's flat slot (-1: a padding row, written nowhere)
-
-
-PREFILL_TILE = 64
-"""Queries per program of the prefill kernel: chunks are cut into tiles of this many tokens."""
-
-
-@dataclass(slots=True)
-class PrefillBatch:
-    """The step's multi-token chunks cut into query tiles, as device tensors."""
-
-    tile_chunk: torch.Tensor  # [tiles] chunk of each tile
-    tile_q: torch.Tensor  # [tiles] first query (index within its chunk) of each tile
-    row0: torch.Tensor  # [chunks] row of the chunk's first token in q / out
-    start: torch.Tensor  # [chunks] positions cached before the chunk
-    length: torch.Tensor  # [chunks] tokens in the chunk
-    tables: torch.Tensor  # [chunks, max_blocks]
-    num_tiles: int
-
-
-@dataclass(slots=True)
-class FastMetadata:
-    """What the kernels need; `decode_writes`: a pure decode step, whose decode kernel writes
-    the new K/V itself (otherwise one store pass writes every new token first)."""
-
-    decode: DecodeBatch | None
-    prefill: PrefillBatch | None
-    decode_writes: bool
+from deepflow.engine.kernels.metadata import FastMetadata
 
 
 @dataclass(slots=True)
@@ -77,64 +41,6 @@ class AttentionMetadata:
             offsets.append(total)
             total += n
         return offsets
-
-
-def build_fast_metadata(
-    chunk_starts: list[int],
-    chunk_lens: list[int],
-    tables: list[list[int]],
-    slots: list[int],
-    to_device: Callable[[torch.Tensor], torch.Tensor],
-) -> FastMetadata:
-    """The kernels' view of a step, moved to the device in one copy: single-token chunks go to
-    the decode kernel, longer ones are cut into PREFILL_TILE-query tiles. `tables` are the
-    chunks' block tables (unpadded); `slots` the new tokens' flat slots in batch order."""
-    decodes = [i for i, n in enumerate(chunk_lens) if n == 1]
-    prefills = [i for i, n in enumerate(chunk_lens) if n > 1]
-    offsets = list(itertools.accumulate(chunk_lens, initial=0))
-    flat: list[int] = []
-    starts: list[int] = []
-    sizes: list[int] = []
-
-    def put(values: list[int]) -> None:
-        # Every part starts 16-byte aligned and table widths are multiples of 16: Triton
-        # specialises kernels on both, so a batch of another shape would compile anew.
-        starts.append(len(flat))
-        sizes.append(len(values))
-        flat.extend(values)
-        flat.extend([0] * (len(values) % 2))
-
-    dec_width = _round16(max((len(tables[i]) for i in decodes), default=1))
-    put([offsets[i] for i in decodes])
-    put([chunk_starts[i] for i in decodes])
-    put([slots[offsets[i]] for i in decodes])
-    put([b for i in decodes for b in _padded(tables[i], dec_width)])
-    pre_width = _round16(max((len(tables[i]) for i in prefills), default=1))
-    tile_chunk = [c for c, i in enumerate(prefills) for _ in range(0, chunk_lens[i], PREFILL_TILE)]
-    put(tile_chunk)
-    put([q for i in prefills for q in range(0, chunk_lens[i], PREFILL_TILE)])
-    put([offsets[i] for i in prefills])
-    put([chunk_starts[i] for i in prefills])
-    put([chunk_lens[i] for i in prefills])
-    put([b for i in prefills for b in _padded(tables[i], pre_width)])
-    staged = to_device(torch.tensor(flat, dtype=torch.int64))
-    parts = [staged[start : start + size] for start, size in zip(starts, sizes, strict=True)]
-    decode = prefill = None
-    if decodes:
-        decode = DecodeBatch(parts[0], parts[1], parts[3].view(len(decodes), dec_width), parts[2])
-    if prefills:
-        prefill = PrefillBatch(
-            *parts[4:9], parts[9].view(len(prefills), pre_width), num_tiles=len(tile_chunk)
-        )
-    return FastMetadata(decode, prefill, decode_writes=not prefills)
-
-
-def _round16(width: int) -> int:
-    return -(-width // 16) * 16
-
-
-def _padded(table: list[int], width: int) -> list[int]:
-    return table + [0] * (width - len(table))
 
 
 def store_kv(

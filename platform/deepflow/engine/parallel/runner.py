@@ -1,7 +1,8 @@
-"""Rank 0 of a tensor-parallel group, behind ModelRunner's interface.
+"""Rank 0 of a tensor-parallel group, behind the engine's Runner protocol (engine/runner.py).
 
-The engine process is rank 0: it keeps the scheduler and the sampler, holds its own shard in a
-ModelRunner, and starts one worker process per other rank. Each step it sends the step to every
+The engine process is rank 0: it keeps the scheduler, holds its own shard in a ModelRunner
+(which also samples: the LM head's all-gather leaves the full logits there), and starts one
+worker process per other rank. Each step it sends the step to every
 worker over that worker's socket pair, then runs its shard; all ranks meet in the same
 collectives, and the LM head's all-gather leaves the full logits on rank 0.
 
@@ -25,7 +26,7 @@ import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,13 @@ import torch.distributed as dist
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.model_config import ModelConfig
 from deepflow.engine.model_runner import ModelRunner
+from deepflow.engine.outputs import PendingTokens, SampledBatch, SchedulerOutput, StepSequence
 from deepflow.engine.parallel.group import TPGroup
 from deepflow.engine.parallel.step import STOP, pack
 from deepflow.engine.parallel.worker import HOST, STORE_TIMEOUT, WorkerSetup, join_group
 
 if TYPE_CHECKING:
-    from deepflow.engine.scheduler import PendingTokens, SchedulerOutput
+    from deepflow.engine.sequence import Sequence
 
 SOURCE_ROOT = Path(__file__).resolve().parents[3]
 """The folder holding the deepflow package: a worker's interpreter must import it."""
@@ -131,13 +133,10 @@ def _start_worker(config: EngineConfig, rank: int, store_port: int) -> _Worker:
 
 
 class TensorParallelRunner:
-    """ModelRunner's interface (execute, model_config, block_size, num_blocks, max_model_len)
-    for `config.tensor_parallel_size` ranks. `shutdown()` stops the workers; so do garbage
+    """The Runner protocol for `config.tensor_parallel_size` ranks. execute() takes the previous
+    step's samples on the device too: they are broadcast to the workers after the step's
+    message (the engine's async scheduling). `shutdown()` stops the workers; so do garbage
     collection and interpreter exit, and a worker exits by itself when this process dies."""
-
-    supports_pending_tokens = True
-    """execute() takes the previous step's samples on the device: they are broadcast to the
-    workers after the step's message (the engine's async scheduling)."""
 
     def __init__(self, config: EngineConfig) -> None:
         size = config.tensor_parallel_size
@@ -174,6 +173,7 @@ class TensorParallelRunner:
         """Rank 0's shard, to inspect (its forward alone would wait forever in a collective)."""
         self.graphs = None
         """Whatever rank 0 captured could not be replayed without the other ranks."""
+        self.vocab_size = self.model_config.vocab_size
         # Free device memory may differ between devices: schedule for the smallest cache.
         self.num_blocks = min(self.runner.num_blocks, *worker_blocks)
 
@@ -181,8 +181,10 @@ class TensorParallelRunner:
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._group.workers]
 
-    def execute(self, batch: SchedulerOutput, pending: PendingTokens | None = None) -> torch.Tensor:
-        """ModelRunner.execute on every rank; the full logits, on rank 0's device."""
+    def execute(
+        self, batch: SchedulerOutput[StepSequence], pending: PendingTokens | None = None
+    ) -> None:
+        """ModelRunner.execute on every rank; the full logits stay on rank 0's device."""
         if self._closed:
             raise WorkerError("the tensor-parallel group was shut down")
         for chunk in batch.chunks:
@@ -200,11 +202,23 @@ class TensorParallelRunner:
                     raise died
                 worker.conn.send_bytes(message)
             if pending is None:
-                return self.runner.execute(batch)
+                self.runner.execute(batch)
+                return
             self.tp.broadcast(pending.tokens.to(torch.int64).contiguous())
-            return self.runner.execute(batch, pending)
+            self.runner.execute(batch, pending)
         except BaseException as exc:
             self._fail(exc)
+
+    def sample(
+        self, seqs: list[Sequence], eos_token_ids: list[int], rows: list[int] | None = None
+    ) -> SampledBatch:
+        """Rank 0 samples alone: the workers' logits are the same rows and are dropped."""
+        return self.runner.sample(seqs, eos_token_ids, rows)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last step's full logits, on rank 0."""
+        return self.runner.logits
 
     def shutdown(self) -> None:
         """Stop every worker (killing any that does not stop within a grace period)."""
@@ -219,7 +233,7 @@ class TensorParallelRunner:
         got: dict[int, tuple[Any, ...]] = {}
         while pending:
             for conn in wait(list(pending), timeout=1.0):
-                worker = pending.pop(conn)
+                worker = pending.pop(cast(Connection, conn))  # wait() returns what it got
                 message = worker.receive()
                 if message[0] != kind:
                     raise WorkerError(f"worker {worker.rank} said {message[0]!r}, not {kind!r}")

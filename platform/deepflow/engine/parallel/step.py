@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from typing import overload
 
-from deepflow.engine.scheduler import ScheduledChunk, SchedulerOutput
+from deepflow.engine.outputs import ScheduledChunk, SchedulerOutput, StepSequence
 
 STEP = b"S"
 STOP = b"Q"
@@ -37,6 +38,12 @@ class TokenWindow:
     def __len__(self) -> int:
         return self.length
 
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
     def __getitem__(self, index: int | slice) -> int | list[int]:
         end = self.start + len(self.tokens)
         if isinstance(index, slice):
@@ -52,7 +59,7 @@ class TokenWindow:
 
 @dataclass(slots=True)
 class SeqView:
-    """The parts of a Sequence that ModelRunner.execute reads."""
+    """The parts of a Sequence that ModelRunner.execute reads (outputs.StepSequence)."""
 
     seq_id: int
     token_ids: TokenWindow
@@ -69,7 +76,9 @@ PendingSpec = tuple[int, dict[int, int]]
 (async scheduling); the tokens themselves follow the message as a broadcast."""
 
 
-def pack(batch: SchedulerOutput, block_size: int, pending: PendingSpec | None = None) -> bytes:
+def pack(
+    batch: SchedulerOutput[StepSequence], block_size: int, pending: PendingSpec | None = None
+) -> bytes:
     chunks: list[ChunkWire] = []
     for chunk in batch.chunks:
         seq, start = chunk.seq, chunk.start
@@ -80,12 +89,12 @@ def pack(batch: SchedulerOutput, block_size: int, pending: PendingSpec | None = 
     return STEP + pickle.dumps(wire, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(message: bytes) -> tuple[SchedulerOutput, PendingSpec | None]:
+def unpack(message: bytes) -> tuple[SchedulerOutput[SeqView], PendingSpec | None]:
     if message[:1] != STEP:
         raise ValueError(f"not a step message: {message[:16]!r}")
     copies, chunks, pending = pickle.loads(memoryview(message)[1:])
-    out = SchedulerOutput(block_copies=[tuple(c) for c in copies])
+    out: SchedulerOutput[SeqView] = SchedulerOutput(block_copies=[tuple(c) for c in copies])
     for seq_id, start, tokens, length, table in chunks:
         view = SeqView(seq_id, TokenWindow(start, tokens, length), start, table)
-        out.chunks.append(ScheduledChunk(view, len(tokens)))  # type: ignore[arg-type]
+        out.chunks.append(ScheduledChunk(view, len(tokens)))
     return out, pending

@@ -20,18 +20,15 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.model_runner import ModelRunner
+from deepflow.engine.outputs import PendingTokens
 from deepflow.engine.parallel.group import TPGroup
 from deepflow.engine.parallel.step import STOP, PendingSpec, unpack
-
-if TYPE_CHECKING:
-    from deepflow.engine.scheduler import PendingTokens
 
 HOST = "127.0.0.1"
 STORE_TIMEOUT = timedelta(minutes=5)
@@ -72,7 +69,7 @@ def serve(conn: Connection, setup: WorkerSetup) -> None:
                 return
             batch, pending = unpack(message)
             if pending is None:
-                runner.execute(batch)  # the logits live on rank 0; ours are dropped
+                runner.execute(batch)  # rank 0 samples; our logits are dropped
             else:
                 runner.execute(batch, receive_pending(tp, pending, runner.device.torch_device))
     finally:
@@ -81,8 +78,6 @@ def serve(conn: Connection, setup: WorkerSetup) -> None:
 
 def receive_pending(tp: TPGroup, spec: PendingSpec, device: torch.device) -> PendingTokens:
     """The previous step's samples, broadcast by rank 0 right after the step's message."""
-    from deepflow.engine.scheduler import PendingTokens  # with async scheduling only
-
     count, rows = spec
     tokens = tp.broadcast(torch.empty(count, dtype=torch.int64, device=device))
     return PendingTokens(tokens, rows)
