@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from prefect import get_run_logger
 from prefect.context import get_run_context
+from prefect.exceptions import TerminationSignal
 from prefect.states import State
 from sqlalchemy import select
 
@@ -74,6 +75,18 @@ def run_job_flow(
     runner = CeleryTaskRunner(
         _celery_app(settings), default_queue="cpu", route=route_by_queue_parameter
     )
-    with runner:
-        job = JobDriver(db, job_id, runner).run()
+    try:
+        with runner:
+            job = JobDriver(db, job_id, runner).run()
+    except TerminationSignal:  # Prefect cancelled the flow run (its UI or API): so is the job
+        cancel_for_flow_run(db, job_id)
+        raise
     return final_state(job)
+
+
+def cancel_for_flow_run(db: store.Database, job_id: str) -> None:
+    """Cancel the job of a flow run that Prefect cancelled (unless it finished meanwhile)."""
+    with db.transaction() as session:
+        job = session.get(store.Job, job_id)
+        if job is not None and not job.state.is_terminal:
+            store.cancel_job(session, job.tenant_id, job_id, reason="flow run cancelled in Prefect")

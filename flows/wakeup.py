@@ -1,12 +1,13 @@
-"""Start a flow run as soon as it is scheduled, not at the worker's next poll.
+"""React to the work pool's flow-run events at once, not at the worker's next poll.
 
-A Prefect worker finds new flow runs by polling its work pool (``PREFECT_WORKER_QUERY_SECONDS``,
-whole seconds), so every job would wait half a poll on average before it started. The server
-already announces each new flow run as a ``prefect.flow-run.Scheduled`` event naming its work
-pool; here the worker subscribes to those of its pool (Prefect's public events client) and
-polls at once for each. The poll stays the fallback (a lost event, a reconnecting
-subscriber), and a flow run found twice is submitted once: the worker skips runs it is
-already submitting, and Prefect's state rules let only one Scheduled -> Pending through.
+A Prefect worker finds new flow runs by polling its work pool (``PREFECT_WORKER_QUERY_SECONDS``),
+so every job would wait half a poll on average before it started. The server already
+announces each new flow run as a ``prefect.flow-run.Scheduled`` event, and each cancellation
+as ``prefect.flow-run.Cancelling``, both naming the run's work pool; here the worker
+subscribes to those of its pool (Prefect's public events client): a Scheduled event polls at
+once, a Cancelling event stops that run's process. Polls stay the fallback (a lost event, a
+reconnecting subscriber), and a flow run found twice is submitted once: the worker skips runs
+it is already submitting, and Prefect's state rules let only one Scheduled -> Pending through.
 """
 
 from __future__ import annotations
@@ -17,48 +18,53 @@ from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 from prefect.events.clients import get_events_subscriber
-from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 
 log = logging.getLogger(__name__)
 
 SCHEDULED = "prefect.flow-run.Scheduled"
+CANCELLING = "prefect.flow-run.Cancelling"
+FLOW_RUN_PREFIX = "prefect.flow-run."
 RETRY_S = 5.0
 
 
-def scheduled_runs_in(work_pool_id: UUID) -> EventFilter:
-    """New flow runs of this work pool (the event names its pool as a related resource)."""
-    related = EventRelatedFilter(
-        resources_in_roles=[(f"prefect.work-pool.{work_pool_id}", "work-pool")]
+def pool_events(work_pool_id: UUID) -> EventFilter:
+    """New and cancelling flow runs of this work pool."""
+    return EventFilter(
+        event=EventNameFilter(name=[SCHEDULED, CANCELLING]),
+        any_resource=EventAnyResourceFilter(id=[f"prefect.work-pool.{work_pool_id}"]),
     )
-    return EventFilter(event=EventNameFilter(name=[SCHEDULED]), related=related)
 
 
-async def poll_when_scheduled(
-    work_pool_id: UUID, poll: Callable[[], Awaitable[object]], stopping: asyncio.Event
+async def follow_pool_events(
+    work_pool_id: UUID,
+    poll: Callable[[], Awaitable[object]],
+    cancel: Callable[[UUID], Awaitable[None]],
+    stopping: asyncio.Event,
 ) -> None:
-    """Until ``stopping`` is set: run ``poll`` whenever the pool gets a flow run.
+    """Until ``stopping`` is set: ``poll`` when the pool gets a flow run, ``cancel(id)`` when
+    one of its runs is being cancelled.
 
-    Events that arrive while a poll runs are answered by one more poll, not one each: a
-    subscriber that (re)connects is sent a backfill of recent events."""
+    Scheduled events that arrive while a poll runs are answered by one more poll, not one
+    each: a subscriber that (re)connects is sent a backfill of recent events."""
     wanted = asyncio.Event()
     poller = asyncio.create_task(_poll_when_wanted(poll, wanted))
     try:
-        await _listen(scheduled_runs_in(work_pool_id), wanted, stopping)
+        while not stopping.is_set():
+            try:
+                async with get_events_subscriber(filter=pool_events(work_pool_id)) as events:
+                    async for event in events:
+                        if event.event == SCHEDULED:
+                            wanted.set()
+                        elif event.resource.id.startswith(FLOW_RUN_PREFIX):
+                            await cancel(UUID(event.resource.id.removeprefix(FLOW_RUN_PREFIX)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the server restarting: the polls cover the gap
+                log.warning("flow-run events unavailable (%s); retrying in %.0f s", exc, RETRY_S)
+                await asyncio.sleep(RETRY_S)
     finally:
         poller.cancel()
-
-
-async def _listen(events: EventFilter, wanted: asyncio.Event, stopping: asyncio.Event) -> None:
-    while not stopping.is_set():
-        try:
-            async with get_events_subscriber(filter=events) as subscriber:
-                async for _ in subscriber:
-                    wanted.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the server restarting: the poll covers the gap
-            log.warning("flow-run events unavailable (%s); retrying in %.0f s", exc, RETRY_S)
-            await asyncio.sleep(RETRY_S)
 
 
 async def _poll_when_wanted(poll: Callable[[], Awaitable[object]], wanted: asyncio.Event) -> None:

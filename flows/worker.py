@@ -6,7 +6,8 @@ of its pool, states proposed for each run, cancellation and crash reporting, and
 Prefect's UI (the pool, the worker, its runs). This one adds what a job platform needs on top:
 
 - a flow run starts in a warm process (``deepflow.flows.warm_pool``), not a fresh interpreter;
-- a run starts when Prefect announces it (``deepflow.flows.wakeup``), the poll as fallback;
+- a run starts when Prefect announces it, and a cancelled run's process is stopped
+  (``deepflow.flows.wakeup``), with polls as the fallback for both;
 - every kind's deployment is applied in the pool at start-up (``deepflow.flows.registry``).
 
 ``deepflow prefect-worker`` runs it; docs/prefect-worker.md says why a worker and not
@@ -28,12 +29,19 @@ import anyio
 import anyio.abc
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import (
     InfrastructureNotAvailable,
     InfrastructureNotFound,
     ObjectAlreadyExists,
 )
+from prefect.states import Cancelled
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -42,13 +50,20 @@ from prefect.workers.base import (
 )
 
 from deepflow.flows.registry import BY_FLOW_NAME, apply_deployments
-from deepflow.flows.wakeup import poll_when_scheduled
+from deepflow.flows.wakeup import follow_pool_events
 from deepflow.flows.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
 
 WORK_POOL = "deepflow"
 """The work pool every job-kind deployment belongs to."""
+
+CANCEL_GRACE_S = 10.0
+"""A cancelled run's process gets this long after SIGTERM before SIGKILL."""
+
+CANCELLING_POLL_S = 10.0
+"""How often the worker asks which of its running runs are being cancelled (the fallback for a
+lost Cancelling event)."""
 
 FLOW_NAME_LABEL = "prefect.io/flow-name"
 """The job configuration's label naming the run's flow (set by Prefect for every run)."""
@@ -78,7 +93,11 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
             limit=limit,
         )
         self.pool = WarmPool(warm)
-        self.processes: dict[int, BaseProcess] = {}
+        self.processes: dict[int, FlowRunProcess] = {}
+        """Process id -> the flow run's process (what ``kill_infrastructure`` is given)."""
+        self.running: dict[UUID, FlowRunProcess] = {}
+        """Flow run id -> its process (what a Cancelling event names)."""
+        self.cancelled: set[UUID] = set()
 
     async def run(
         self,
@@ -91,17 +110,48 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
         if flow_name not in BY_FLOW_NAME:
             raise ValueError(f"flow {flow_name!r} is not one of DeepFlow's job-kind flows")
         env = {k: v for k, v in configuration.env.items() if v is not None}
-        process = await anyio.to_thread.run_sync(self.pool.start, flow_name, flow_run, env)
+        started = await anyio.to_thread.run_sync(self.pool.start, flow_name, flow_run, env)
+        process = FlowRunProcess(started)
         pid = process.pid
-        assert pid is not None  # a started process has one
-        self.processes[pid] = process
+        self.processes[pid] = self.running[flow_run.id] = process
         if task_status is not None:
             task_status.started(pid)
         try:
-            await _exited(process)
+            await process.exited()
         finally:
             self.processes.pop(pid, None)
-        return DeepflowWorkerResult(status_code=process.exitcode or 0, identifier=str(pid))
+            self.running.pop(flow_run.id, None)
+        if flow_run.id in self.cancelled:  # stopped on purpose: cancelled, not crashed
+            self.cancelled.discard(flow_run.id)
+            message = "cancelled through Prefect; the worker stopped its process"
+            await self.client.set_flow_run_state(
+                flow_run.id, Cancelled(message=message), force=True
+            )
+            return DeepflowWorkerResult(status_code=0, identifier=str(pid))
+        return DeepflowWorkerResult(status_code=process.exitcode, identifier=str(pid))
+
+    async def cancel(self, flow_run_id: UUID) -> None:
+        """Stop the process of a run being cancelled: SIGTERM (Prefect's engine raises in the
+        flow, which cancels the job), SIGKILL after ``CANCEL_GRACE_S``."""
+        process = self.running.get(flow_run_id)
+        if process is None or flow_run_id in self.cancelled:
+            return
+        self.cancelled.add(flow_run_id)
+        await process.stop(CANCEL_GRACE_S)
+
+    async def cancel_cancelling_runs(self) -> None:
+        """The fallback for a lost Cancelling event: ask the API which running runs of this
+        worker are being cancelled."""
+        if not self.running:
+            return
+        runs = await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=list(self.running)),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+            )
+        )
+        for run in runs:
+            await self.cancel(run.id)
 
     async def _flow_name(self, flow_run: FlowRun) -> str:
         return (await self.client.read_flow(flow_run.flow_id)).name
@@ -119,26 +169,51 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
             raise InfrastructureNotAvailable(
                 f"process {infrastructure_pid} is not a flow run of this worker"
             )
-        if not process.is_alive():
+        if not process.alive:
             raise InfrastructureNotFound(f"process {infrastructure_pid} has exited")
-        os.kill(int(infrastructure_pid), signal.SIGTERM)
-        with anyio.move_on_after(grace_seconds):
-            await _exited(process)
-        if process.is_alive():
-            process.kill()
+        await process.stop(grace_seconds)
 
 
-async def _exited(process: BaseProcess) -> None:
-    """Wait, without a thread, until ``process`` exits (its sentinel becomes readable)."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(process.sentinel, lambda: done.done() or done.set_result(None))
-    try:
-        if process.is_alive():
-            await done
-    finally:
-        loop.remove_reader(process.sentinel)
-    process.join()
+class FlowRunProcess:
+    """A flow run's process, watched without a thread: one future, set when the process's
+    sentinel becomes readable, that any number of waiters share."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        assert process.pid is not None  # a started process has one
+        self.pid: int = process.pid
+        self._process = process
+        loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(process.sentinel, self._on_exit)
+        if not process.is_alive():
+            self._on_exit()
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        self._process.join()
+        if not self._exit.done():
+            self._exit.set_result(None)
+
+    @property
+    def alive(self) -> bool:
+        return not self._exit.done()
+
+    @property
+    def exitcode(self) -> int:
+        return self._process.exitcode or 0
+
+    async def exited(self) -> None:
+        await asyncio.shield(self._exit)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL if it outlives ``grace_s``."""
+        if not self.alive:
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        with anyio.move_on_after(grace_s):
+            await self.exited()
+        if self.alive:
+            self._process.kill()
 
 
 async def ensure_work_pool() -> str:
@@ -181,4 +256,17 @@ async def _run(worker: DeepflowWorker) -> None:
 async def _wake_when_set_up(worker: DeepflowWorker, pool_id: UUID, stopping: asyncio.Event) -> None:
     while not worker.is_setup:
         await asyncio.sleep(0.05)
-    await poll_when_scheduled(pool_id, worker.get_and_submit_flow_runs, stopping)
+    fallback = asyncio.create_task(_cancel_cancelling_runs(worker, stopping))
+    try:
+        await follow_pool_events(pool_id, worker.get_and_submit_flow_runs, worker.cancel, stopping)
+    finally:
+        fallback.cancel()
+
+
+async def _cancel_cancelling_runs(worker: DeepflowWorker, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        await asyncio.sleep(CANCELLING_POLL_S)
+        try:
+            await worker.cancel_cancelling_runs()
+        except Exception:  # the next pass tries again
+            log.warning("checking for cancelled flow runs failed", exc_info=True)

@@ -44,13 +44,16 @@ class Platform:
 
     def post(self, spec: dict[str, Any], kind: str = "dag") -> dict[str, Any]:
         r = httpx.post(
-            f"{self.url}/v1/jobs", json={"kind": kind, "spec": spec}, headers=self.headers()
+            f"{self.url}/v1/jobs",
+            json={"kind": kind, "spec": spec},
+            headers=self.headers(),
+            timeout=30,  # the POST also creates the flow run: slow on a loaded machine
         )
         assert r.status_code == 201, r.text
         return r.json()  # type: ignore[no-any-return]
 
     def job(self, job_id: str, key: str | None = None) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers(key))
+        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers(key), timeout=30)
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 

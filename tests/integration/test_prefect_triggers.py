@@ -1,4 +1,4 @@
-"""Jobs started from Prefect's side: its HTTP API and a cron schedule on our deployment."""
+"""Jobs started and cancelled from Prefect's side: its API, a cron schedule, a cancellation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prefect import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
 
 from deepflow.dispatch import deployment_name
 from tests.integration.conftest import Platform
@@ -92,3 +93,27 @@ def _seconds(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_cancelling_the_flow_run_in_prefect_cancels_the_job(platform: Platform) -> None:
+    """Prefect's UI or API cancels a job's flow run: the worker stops its process and the
+    job, with its running task, ends ``cancelled`` in our store."""
+    if platform.name != "embedded":
+        pytest.skip("one flavour is enough: cancellation goes through Prefect, not the broker")
+    job = platform.post({"tasks": [{"name": "long", "operator": "sleep", "args": {"seconds": 60}}]})
+    deadline = time.monotonic() + 60
+    while platform.job(job["id"])["tasks"][0]["state"] != "running":
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.2)
+    with temporary_settings({PREFECT_API_URL: platform.settings.prefect_api_url}):
+        client = get_client(sync_client=True)
+    flow_run_id = platform.job(job["id"])["flow_run_id"]
+    with client:
+        client.set_flow_run_state(flow_run_id, Cancelling())
+        done = platform.wait(job["id"], timeout_s=60)
+        assert done["state"] == "cancelled", done
+        assert done["tasks"][0]["state"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while not (state := client.read_flow_run(flow_run_id).state) or not state.is_cancelled():
+            assert time.monotonic() < deadline, f"flow run still {state}"
+            time.sleep(0.5)

@@ -1,0 +1,87 @@
+"""Stopping an attempt stops it, on the whole platform of real processes: an operator inside
+a 60-second C call is gone within 5 s of its job's cancellation, or of its task's deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deepflow.config import Settings
+from deepflow.procutil import signal_alive, wait_gone
+from tests.integration import conftest
+from tests.integration.conftest import Platform, platform_up
+
+pytestmark = pytest.mark.timeout(240)
+
+STOP_WITHIN_S = 5.0
+OUR_OPERATORS = "tests.workers.stop_operators"
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    """``platform_up``, its workers also loading this test's operators (platform_up takes
+    no operator list, so the Settings it builds get ours added)."""
+
+    def settings(**kwargs: Any) -> Settings:
+        kwargs["operator_modules"] = f"{kwargs['operator_modules']},{OUR_OPERATORS}"
+        return Settings(**kwargs)
+
+    home = tmp_path_factory.mktemp(f"stop-{request.param}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conftest, "Settings", settings)
+        with platform_up(request.param, home) as p:
+            patch.undo()
+            yield p
+
+
+def _pid(path: Path, timeout_s: float = 90) -> int:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, "the operator never started"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _task(platform: Platform, job_id: str) -> dict[str, Any]:
+    [task] = platform.job(job_id)["tasks"]
+    return task  # type: ignore[no-any-return]
+
+
+def test_cancel_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path: Path) -> None:
+    args = {"seconds": 60, "pid_path": str(tmp_path / "pid")}
+    job_id = platform.post({"tasks": [{"name": "c", "operator": "test.c_sleep", "args": args}]})[
+        "id"
+    ]
+    pid = _pid(tmp_path / "pid")
+    assert signal_alive(pid) and platform.job(job_id)["state"] == "running"
+    cancelled = httpx.post(f"{platform.url}/v1/jobs/{job_id}/cancel", headers=platform.headers())
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert wait_gone(pid, STOP_WITHIN_S), "the attempt process outlived the cancellation"
+    assert _task(platform, job_id)["state"] == "cancelled"
+
+
+def test_timeout_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path: Path) -> None:
+    timeout_s = 2.0
+    args = {"seconds": 60, "pid_path": str(tmp_path / "pid"), "ignore_sigterm": True}
+    spec = {
+        "tasks": [{"name": "t", "operator": "test.c_sleep", "timeout_s": timeout_s, "args": args}]
+    }
+    job_id = platform.post(spec)["id"]
+    pid = _pid(tmp_path / "pid")
+    started = time.monotonic()  # the claim set the deadline a moment before
+    while (task := _task(platform, job_id))["state"] == "running":
+        assert time.monotonic() - started < timeout_s + STOP_WITHIN_S, "not stopped in time"
+        time.sleep(0.1)
+    assert task["state"] == "failed", task
+    # the worker's report, or the lease reconciler's, which also ends overdue attempts
+    assert task["error"].startswith("timed out after"), task["error"]
+    left = started + timeout_s + STOP_WITHIN_S - time.monotonic()
+    assert wait_gone(pid, max(left, 0)), "the attempt process outlived its deadline by 5 s"
+    assert platform.wait(job_id)["state"] == "failed"
