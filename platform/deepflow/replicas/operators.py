@@ -111,7 +111,7 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
     except DaemonFailed as exc:
         _launch_failed(db, instance_id, exc)
         raise OperatorFailed(str(exc)) from None
-    except BaseException as exc:  # the lease guard stopping this attempt; spawn killed it
+    except BaseException as exc:  # the worker stopping this attempt; spawn killed the daemon
         _launch_failed(db, instance_id, exc)
         raise
     # The worker process stays the daemon's parent: reap it when it exits, or it lingers

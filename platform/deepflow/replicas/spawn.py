@@ -24,8 +24,8 @@ from pathlib import Path
 from deepflow.engine.daemon.main import ReadyReport
 
 POLL_S = 0.1
-"""The wait's tick: how often the process's exit and the deadline are checked, and how late
-an exception raised into the waiting thread (a lost lease stopping the attempt) lands."""
+"""The wait's tick: how often the process's exit and the deadline are checked. (An exception
+from a signal handler, the worker stopping the attempt, interrupts the wait at once.)"""
 EXIT_GRACE_S = 5.0
 """After the pipe closed without a report, how long the daemon gets to exit on its own."""
 LOG_TAIL_CHARS = 2000
