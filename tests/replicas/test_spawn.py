@@ -5,6 +5,8 @@ wrong is seen quickly. The real daemon's half is in tests/daemon/test_ready_repo
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import sys
 import textwrap
 import threading
@@ -149,4 +151,23 @@ def test_an_exception_raised_into_the_waiting_thread_kills_the_daemon(tmp_path: 
     )
     waiting.join(timeout=5)
     assert not waiting.is_alive() and isinstance(outcome[0], Stopped)
+    assert not signal_alive(pids(tmp_path)[0])
+
+
+def test_a_signal_that_stops_the_attempt_kills_the_daemon_at_once(tmp_path: Path) -> None:
+    """How the workers stop an attempt: SIGTERM, whose handler raises in the main thread."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        argv = fake(tmp_path, "time.sleep(60)\n")
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        started = time.monotonic()
+        with pytest.raises(Stopped):
+            spawn_daemon(argv, tmp_path / "log", timeout_s=60)
+        assert time.monotonic() - started < 3
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     assert not signal_alive(pids(tmp_path)[0])
