@@ -19,7 +19,7 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   [ -f "$BASE/platform/deepflow/engine/llm_engine.py" ] || { echo "no baseline engine under $BASE"; exit 1; }
-  PYTHONPATH=platform timeout 300 python3 -m pytest -q -p no:cacheprovider --confcutdir=tests/engine \
+  PYTHONPATH=platform timeout 180 python3 -m pytest -q -p no:cacheprovider --confcutdir=tests/engine \
     -W ignore::pytest.PytestConfigWarning tests/engine/test_decode_graphs_device.py
   start=$SECONDS
   PYTHONPATH=platform python3 -c "from deepflow.engine.testmodel import make_test_model; make_test_model('$MODEL', 'llama', '1b')" || exit 1
