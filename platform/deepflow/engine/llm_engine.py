@@ -215,11 +215,9 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if batch.chunks:
             self.model_runner.execute(batch, prev.pending() if prev is not None else None)
-        done = self._land(prev) if prev is not None else None  # the step's one wait
+        landed = self._land(prev) if prev is not None else None  # the step's one wait
         self._inflight = self._update_and_sample(batch)
-        outputs = []
-        if prev is not None and done is not None:
-            outputs = self._emit(prev.seqs, done, appended=True)
+        outputs = [] if landed is None else self._emit(*landed, appended=True)
         if self._inflight is not None:
             self._append_pending(self._inflight.seqs)
         return outputs
@@ -234,13 +232,13 @@ class LLMEngine:
             return []
         return self._emit(inflight.seqs, inflight.sampled.result())
 
-    def _land(self, prev: _InFlight) -> ModelRunnerOutput:
+    def _land(self, prev: _InFlight) -> tuple[list[Sequence], ModelRunnerOutput]:
         """Wait for a launched step's samples and write them over its PENDING_TOKENs."""
         done = prev.sampled.result()
         for seq, token in zip(prev.seqs, done.token_ids, strict=True):
             if not seq.is_finished:
                 seq.token_ids[-1] = token
-        return done
+        return prev.seqs, done
 
     def _update_and_sample(self, batch: SchedulerOutput[Sequence]) -> _InFlight | None:
         """Book the step's tokens as computed, fork prompts into their n samples, and have the
