@@ -64,6 +64,18 @@ def test_one_bad_prompt_rejects_the_batch_before_anything_runs(llm):
 
 
 def test_priorities_and_seeded_batches(llm):
+    """Lower priority values are served first: each prompt is longer than a step's budget
+    (32 tokens), so the prompts' first tokens come one step apart, in priority order,
+    whichever order they arrived in. A seeded sample is the same in a batch as alone."""
+    for run, priority in enumerate(([1, 0, -1], [-1, 0, 1])):
+        prompts = [f"run {run} prompt {k}: " + " ".join(f"w{run}{k}{i}" for i in range(12))
+                   for k in range(3)]  # distinct: no prefix cache hit shortens a prefill
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, priority=priority)
+        assert all(len(o.prompt_token_ids) > 32 for o in outs)
+        first_tokens = [o.metrics.first_token_time for o in outs]
+        assert len(set(first_tokens)) == 3
+        assert sorted(range(3), key=first_tokens.__getitem__) == sorted(
+            range(3), key=priority.__getitem__)
     seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=6)
     alone = llm.generate(["Once upon"], seeded, use_tqdm=False)[0].outputs[0].token_ids
     batch = llm.generate(["x y z", "Once upon", "Hello"], [GREEDY, seeded, GREEDY],

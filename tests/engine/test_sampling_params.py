@@ -1,3 +1,5 @@
+from dataclasses import fields
+
 import pytest
 
 from deepflow.engine import SamplingParams
@@ -51,4 +53,19 @@ def test_invalid_values_raise_value_error(kwargs, message):
 
 
 def test_off_switches_are_valid():
-    SamplingParams(top_k=-1, max_tokens=None, temperature=0, logprobs=0, seed=0)
+    """Each value that turns a feature off (top_k -1 or 0, no max_tokens) or to its edge
+    (greedy, the chosen token's logprob only, seed 0) is accepted and kept as given (seed 0
+    is a seed, not None), and leaves every other field at its default."""
+    default = SamplingParams()
+    switches = {"top_k": [-1, 0], "max_tokens": [None], "temperature": [0], "logprobs": [0],
+                "seed": [0]}
+    for name, values in switches.items():
+        for value in values:
+            p = SamplingParams(**{name: value})
+            assert (type(getattr(p, name)), getattr(p, name)) == (type(value), value), name
+            others = [f.name for f in fields(p) if f.name != name]
+            assert [getattr(p, f) for f in others] == [getattr(default, f) for f in others]
+    together = SamplingParams(top_k=-1, max_tokens=None, temperature=0, logprobs=0, seed=0)
+    assert together.greedy
+    assert (together.top_k, together.max_tokens, together.logprobs, together.seed) == (
+        -1, None, 0, 0)

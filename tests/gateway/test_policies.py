@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import get_args
 
 import pytest
 
+from deepflow.api.deployments import Policy as DeploymentPolicy
 from deepflow.gateway.policies import (
     CHUNK_CHARS,
+    POLICIES,
     Endpoint,
     LeastOutstandingTokens,
     PrefixCacheAware,
@@ -83,6 +86,25 @@ def test_remembered_prefixes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(ep.cached) == 4
 
 
-@pytest.mark.parametrize("name", ["round_robin", "least_outstanding_tokens", "prefix_cache_aware"])
-def test_policies_by_name(name: str) -> None:
-    assert make_policy(name).name == name
+@pytest.mark.parametrize(
+    ("name", "chosen"),
+    [
+        ("round_robin", "inst_0"),  # first in turn, though the most loaded
+        ("least_outstanding_tokens", "inst_1"),  # the lightest
+        ("prefix_cache_aware", "inst_2"),  # holds the prompt's prefix, not overloaded
+    ],
+)
+def test_policies_by_name(name: str, chosen: str) -> None:
+    """Each name makes the policy that routes as the name says: one request that the three
+    policies send to three different instances."""
+    eps = endpoints()
+    eps[0].outstanding_tokens, eps[1].outstanding_tokens, eps[2].outstanding_tokens = 20, 5, 10
+    prompt = prefix_hashes("system prompt " * 40)
+    eps[2].remember(prompt)
+    assert make_policy(name).choose(eps, prompt, 10).instance_id == chosen
+
+
+def test_every_policy_a_deployment_may_name_can_be_made() -> None:
+    assert set(get_args(DeploymentPolicy)) == set(POLICIES)
+    with pytest.raises(KeyError):
+        make_policy("random")

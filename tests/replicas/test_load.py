@@ -1,6 +1,9 @@
 """The gateway under load, on real processes: 200 concurrent streaming chats over two CPU
 instances of the tiny model while 20 clients walk away mid-stream; then an instance is killed
-in the middle of a burst."""
+in the middle of a burst.
+
+What the instances count is exact: a chat generates its ``max_tokens``, a walk-away that was
+not aborted its ``max_tokens`` too, an aborted one what it got before its abort."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import re
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -75,12 +79,24 @@ async def chat(client: openai.AsyncOpenAI, i: int, max_tokens: int) -> tuple[int
     return usage.completion_tokens, pieces
 
 
+CHATS, CHAT_TOKENS = 200, 8
+WALKAWAYS, WALKAWAY_TOKENS = 20, 1500
+SEEN = 2
+"""Tokens a walk-away surely received before hanging up: it reads three data lines, and the
+first carries only the role (a later delta may carry several tokens)."""
+ABORT_STEPS = 30
+"""How many more tokens a walked-away request may get: one per engine step while its hang-up
+crosses the gateway and the daemon (two event-loop hops, then the next step boundary), plus
+the steps by which its stream lagged its engine. A relay that keeps up is a step or two
+behind; 30 leaves room for a busy machine."""
+
+
 async def walk_away(url: str, key: str, i: int) -> None:
     """Read three chunks of a long stream, then hang up (the connection is closed)."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"long story {i}"}],
-        "max_tokens": 1500,
+        "max_tokens": WALKAWAY_TOKENS,
         "stream": True,
         **ALWAYS,
     }
@@ -97,44 +113,93 @@ async def walk_away(url: str, key: str, i: int) -> None:
                 break
 
 
-def test_200_streams_and_20_disconnects(serving: Platform, deployed: dict[str, Any]) -> None:
+@dataclass(repr=False)  # a failed assertion shows the numbers, not every result
+class LoadRun:
+    results: list[tuple[int, int]]
+    """(completion tokens, content chunks) of each chat."""
+    delta: Counter[tuple[str, str]]
+    """What the instances counted during the run."""
+    per_instance: list[Counter[tuple[str, str]]]
+
+    def success(self, reason: str) -> float:
+        return self.delta[("flowserve:request_success_total", f'finished_reason="{reason}"')]
+
+    @property
+    def walkaway_tokens(self) -> float:
+        """Tokens generated for the walk-aways: all but the chats' (each exactly its max)."""
+        generated = self.delta[("flowserve:generation_tokens_total", "")]
+        return generated - CHATS * CHAT_TOKENS
+
+    @property
+    def aborted_tokens(self) -> float:
+        """Tokens of the aborted walk-aways: a walk-away not aborted ran to its max."""
+        return self.walkaway_tokens - WALKAWAY_TOKENS * (WALKAWAYS - self.success("abort"))
+
+
+@pytest.fixture(scope="module")
+def load_run(serving: Platform, deployed: dict[str, Any]) -> LoadRun:
+    """200 streaming chats while 20 clients walk away mid-stream, once; until every instance
+    is idle with its blocks freed."""
     before = totals(deployed)
 
     async def run() -> list[Any]:
         client = openai.AsyncOpenAI(
             base_url=f"{serving.url}/v1", api_key=serving.key, max_retries=0, timeout=300
         )
-        jobs = [chat(client, i, 8) for i in range(200)]
-        jobs += [walk_away(serving.url, serving.key, i) for i in range(20)]
+        jobs = [chat(client, i, CHAT_TOKENS) for i in range(CHATS)]
+        jobs += [walk_away(serving.url, serving.key, i) for i in range(WALKAWAYS)]
         try:
             return await asyncio.gather(*jobs)
         finally:
             await client.close()
 
-    results = asyncio.run(run())[:200]
-    assert all(tokens == 8 for tokens, _ in results), Counter(t for t, _ in results)
-    assert all(pieces >= 1 for _, pieces in results)
-    deadline = time.monotonic() + 30
-    while True:  # the walked-away requests are aborted and their blocks freed
+    results = asyncio.run(run())[:CHATS]
+    deadline = time.monotonic() + 60
+    while True:  # the walked-away requests are aborted (or ran out) and their blocks freed
         loads = [httpx.get(f"{i['address']}/health").json() for i in deployed["instances"]]
         idle = all(h["running"] == 0 and h["waiting"] == 0 for h in loads)
         if idle and all(h["kv_cache_usage"] == 0 for h in loads):
             break
         assert time.monotonic() < deadline, loads
         time.sleep(0.2)
-    delta = totals(deployed) - before
-    finished = 'finished_reason="length"'
-    aborted = delta[("flowserve:request_success_total", 'finished_reason="abort"')]
-    # A walk-away should be aborted on its instance. Known defect: under the full suite's
-    # load some (9 of 20 in one CI run, none in most runs alone) still run to their end, so
-    # the test asserts that every request is accounted for, and that aborts do get through.
-    assert aborted >= 1, "no disconnect reached an instance"
-    assert delta[("flowserve:request_success_total", finished)] == 200 + (20 - aborted)
-    assert delta[("flowserve:time_to_first_token_seconds_count", "")] == 220
-    generated = delta[("flowserve:generation_tokens_total", "")]
-    assert 200 * 8 + 20 * 2 <= generated <= 200 * 8 + 20 * 1500
     per_instance = [scrape(i["address"]) for i in deployed["instances"]]
-    assert all(m[("flowserve:request_success_total", finished)] > 0 for m in per_instance)
+    return LoadRun(results, totals(deployed) - before, per_instance)
+
+
+def test_200_streams_and_20_disconnects(load_run: LoadRun) -> None:
+    """Every chat gets all its tokens, every request is counted once under its ending, and
+    the tokens add up exactly: chats and walk-aways that ran out at their max, plus what
+    the aborted walk-aways got before their abort (at least what they read, less than
+    their max)."""
+    results = load_run.results
+    assert all(tokens == CHAT_TOKENS for tokens, _ in results), Counter(t for t, _ in results)
+    assert all(pieces >= 1 for _, pieces in results)
+    aborted = load_run.success("abort")
+    assert aborted >= 1, "no disconnect reached an instance"
+    assert load_run.success("length") == CHATS + (WALKAWAYS - aborted)
+    assert load_run.success("stop") == 0
+    assert load_run.delta[("flowserve:time_to_first_token_seconds_count", "")] == 220
+    assert SEEN * aborted <= load_run.aborted_tokens <= (WALKAWAY_TOKENS - 1) * aborted
+    finished = 'finished_reason="length"'
+    assert all(m[("flowserve:request_success_total", finished)] > 0 for m in load_run.per_instance)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="under load the HTTP relay lags the engine by seconds and nothing holds a "
+    "request's generation back (its outputs queue without bound in AsyncLLMEngine), so a "
+    "hang-up reaches the engine hundreds of tokens late (300 to 1,400 per walk-away on a "
+    "busy 2-CPU VM), or not before the request's end; backpressure (a bounded per-request "
+    "backlog) would bound it",
+)
+def test_walked_away_streams_are_aborted_within_a_few_steps(load_run: LoadRun) -> None:
+    """Each walk-away is aborted, having got what it read plus at most ABORT_STEPS tokens."""
+    aborted = load_run.success("abort")
+    per_walkaway = load_run.walkaway_tokens / WALKAWAYS
+    assert aborted == WALKAWAYS, f"{WALKAWAYS - aborted:g} ran to their end"
+    assert load_run.aborted_tokens <= (SEEN + ABORT_STEPS) * WALKAWAYS, (
+        f"{per_walkaway:.0f} tokens per walk-away"
+    )
 
 
 def test_killing_an_instance_mid_load(serving: Platform, deployed: dict[str, Any]) -> None:
