@@ -17,17 +17,17 @@ checks) and the child lets go of the worker's connections (``attempt_child``). I
 the worker (PDEATHSIG), so a killed worker leaves no attempt running that the lease
 reconciler is about to hand to another.
 
-Why one process serves several attempts: a fork per attempt cost far more than its syscall.
-Every page that the pool process or the child writes afterwards takes a copy-on-write fault:
-about 2,300 in the pool process and 1,000 in the child per noop attempt, +13 ms of CPU and
-+28 ms of wall time per attempt on the 2-core development VM (``tests/workers/bench_attempts``),
-against ~10 ms for a whole attempt before; that alone would break the orchestration budget
-(2x plain Celery, ~12 ms per task). So an attempt process runs the next attempt of its
-thread too, as the pool process used to, until an attempt is stopped or kills it, or it has
-served ``ATTEMPTS_PER_PROCESS``; then the next attempt forks a fresh one. Attempts that
-follow each other in one process share what the previous ones left (module state, a CUDA
-context), exactly as they did in the pool process; a stopped attempt takes its process, and
-whatever it left, with it.
+Why one process serves several attempts: a fork per attempt costs far more than its
+syscall. Every page the pool process or the child writes after a fork takes a copy-on-write
+fault (about 2,300 and 1,000 per noop attempt). Measured on the 2-core development VM with
+``tests/workers/bench_attempts --fresh``: a fresh process per attempt took 31 ms per noop
+attempt (median; 31 ms of CPU), a reused one 9 ms (11 ms of CPU), the old in-thread attempt
+10 ms (12 ms of CPU). The orchestration budget is 2x plain Celery, ~12 ms per task in all.
+So an attempt process runs its thread's next attempt too, as the pool process used to,
+until an attempt is stopped or kills it, or it has served ``ATTEMPTS_PER_PROCESS``; then the
+next attempt forks a fresh one. Attempts that follow each other in one process share what
+the previous ones left (module state, a CUDA context), exactly as they did in the pool
+process; a stopped attempt takes its process, and whatever it left, with it.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class AttemptProcess:
         self._status: int | None = None
 
     @classmethod
-    def fork(cls, max_attempts: int = ATTEMPTS_PER_PROCESS) -> AttemptProcess:
+    def fork(cls, max_attempts: int | None = None) -> AttemptProcess:
+        """A new attempt process, for up to ``max_attempts`` (``ATTEMPTS_PER_PROCESS``)."""
+        max_attempts = max_attempts or ATTEMPTS_PER_PROCESS
         request_r, request_w = os.pipe()
         outcome_r, outcome_w = os.pipe()
         log_r, log_w = os.pipe()
@@ -227,6 +229,13 @@ def end_attempt(process: AttemptProcess) -> Outcome:
     else:
         process.close()
     return outcome
+
+
+def release() -> None:
+    """End this thread's idle attempt process, if it has one (tests, benchmarks)."""
+    process, _thread.process = _thread.process, None
+    if process is not None:
+        process.close()
 
 
 def _describe(status: int | None) -> str:

@@ -85,3 +85,18 @@ def test_timeout_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path:
     left = started + timeout_s + STOP_WITHIN_S - time.monotonic()
     assert wait_gone(pid, max(left, 0)), "the attempt process outlived its deadline by 5 s"
     assert platform.wait(job_id)["state"] == "failed"
+
+
+def test_a_pool_process_runs_attempts_in_one_attempt_process(platform: Platform) -> None:
+    """No fork per attempt (the cost that ``attempt_process`` explains): a chain of tasks
+    runs in at most one attempt process per Celery pool process."""
+    names = "abcdef"
+    tasks = [
+        {"name": n, "operator": "test.report", "args": {"tag": n}}
+        | ({"depends_on": [names[i - 1]]} if i else {})
+        for i, n in enumerate(names)
+    ]
+    job = platform.wait(platform.post({"tasks": tasks})["id"])
+    assert job["state"] == "succeeded", job
+    pids = {t["output"]["pid"] for t in job["tasks"]}
+    assert len(pids) <= 2, pids  # the platform's worker has two pool processes

@@ -40,10 +40,7 @@ STOP_WITHIN_S = 5.0
 @pytest.fixture
 def settings(pg_url: str) -> Iterator[Settings]:
     yield dataclasses.replace(Settings.from_env(), database_url=pg_url, lease_ttl_s=3.0)
-    process = attempt_process._thread.process  # each test starts from a fresh process
-    attempt_process._thread.process = None
-    if process is not None:
-        process.close()
+    attempt_process.release()  # each test starts with a fresh attempt process
 
 
 @pytest.fixture
