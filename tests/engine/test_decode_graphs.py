@@ -93,3 +93,12 @@ def test_greedy_samples_unpack_tokens_and_float32_logprobs() -> None:
     samples = GreedySamples(packed, n, size)
     assert samples.tokens.tolist() == [5, 6, 7]
     assert samples.unpack(packed.clone()) == ([5, 6, 7], [-0.5, -1.25, -2.0])
+    # As the step's samples (what ModelRunner.sample hands the engine): one row per sequence.
+    sampled = samples.sampled()
+    assert sampled.tokens.data_ptr() == packed.data_ptr()  # the next step feeds them in place
+    out = sampled.result()
+    assert (out.token_ids, out.logprobs, out.top_logprobs) == (
+        [5, 6, 7],
+        [-0.5, -1.25, -2.0],
+        [None] * 3,
+    )
