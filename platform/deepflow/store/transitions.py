@@ -191,8 +191,7 @@ def set_task_states(
         return
     events = [_change_task(task, target, reason, None) for task in tasks]
     session.add_all(tasks)
-    session.flush()  # a Core statement does not autoflush: rows and earlier events go first
-    session.execute(insert(Event.__table__), events)
+    session.execute(insert(Event), events)  # autoflushes first: the rows, earlier events
 
 
 def set_instance_state(
