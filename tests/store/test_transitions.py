@@ -40,6 +40,7 @@ from deepflow.store.policy import (
     TASK_POLICY,
     Rule,
 )
+from deepflow.store.transitions import lock, set_task_states
 from deepflow.store.types import new_id
 
 POLICIES: list[tuple[tuple[Rule, ...], type[StrEnum]]] = [
@@ -127,6 +128,26 @@ def test_a_row_starts_only_where_its_creation_rule_says(db: Database) -> None:
     with db.transaction() as s:
         assert s.execute(select(Job)).first() is None
         assert s.execute(select(Event)).first() is None
+
+
+def test_a_batch_of_task_changes_is_checked_whole_before_any_is_applied(db: Database) -> None:
+    _, job_id, tasks = _job(db)
+    with db.transaction() as s:
+        set_task_state(s, tasks["a"], TaskState.QUEUED)
+    with db.transaction() as s:
+        lock(s, Job, job_id)
+        b, a = s.get(Task, tasks["b"]), s.get(Task, tasks["a"])
+        with pytest.raises(IllegalTransition, match="cannot go from queued to skipped"):
+            set_task_states(s, [b, a], TaskState.SKIPPED)  # type: ignore[list-item]
+        assert b.state is TaskState.PENDING  # type: ignore[union-attr]  # though it came first
+    assert [e.rule for e in _events(db, tasks["b"])] == ["CreateTask"]
+    with db.transaction() as s:
+        lock(s, Job, job_id)
+        set_task_states(s, [s.get(Task, tasks["b"])], TaskState.SKIPPED, reason="why")  # type: ignore[list-item]
+    assert [(e.from_state, e.rule, e.reason) for e in _events(db, tasks["b"])] == [
+        (None, "CreateTask", None),
+        ("pending", "SkipTask", "why"),
+    ]
 
 
 def test_event_and_change_share_one_transaction(db: Database) -> None:
