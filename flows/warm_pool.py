@@ -33,12 +33,18 @@ log = logging.getLogger(__name__)
 PRELOAD = ["deepflow.flows.warm_pool", "deepflow.flows.registry", "prefect.flow_engine"]
 """Imported once by the fork server; every warm process starts with them loaded."""
 
+OWNER_CHECK_S = 1.0
+"""How often an idle warm process checks that the worker that made it is still alive. Its
+parent is the fork server, not the worker, so the kernel's parent-death signal cannot tell it;
+a worker killed outright would otherwise leave its warm processes (and their database and
+broker connections) behind."""
 
-def _child(conn: multiprocessing.connection.Connection) -> None:
+
+def _child(conn: multiprocessing.connection.Connection, owner: int) -> None:
     """A warm process: import everything and connect (database, broker), then run the one
-    flow run it is handed."""
+    flow run it is handed by the worker ``owner``."""
     from deepflow.flows.jobs import warm_up
-    from deepflow.procutil import freeze_heap
+    from deepflow.procutil import freeze_heap, signal_alive
 
     try:
         warm_up()
@@ -46,6 +52,9 @@ def _child(conn: multiprocessing.connection.Connection) -> None:
         log.warning("warming up a flow-run process failed", exc_info=True)
     freeze_heap()
     try:
+        while not conn.poll(OWNER_CHECK_S):
+            if not signal_alive(owner):
+                return
         payload = conn.recv_bytes()
     except (EOFError, OSError):  # the pool closed, or the worker died
         return
@@ -88,6 +97,7 @@ class WarmPool:
         self._lock = threading.Lock()
         self._idle: list[tuple[BaseProcess, multiprocessing.connection.Connection]] = []
         self._closed = False
+        self._owner = os.getpid()
 
     def fill(self) -> None:
         """Make processes until ``size`` are idle (they connect in the background)."""
@@ -98,7 +108,9 @@ class WarmPool:
 
     def _make(self) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
         ours, theirs = self._ctx.Pipe()
-        process = self._ctx.Process(target=_child, args=(theirs,), name="deepflow-flow-run")
+        process = self._ctx.Process(
+            target=_child, args=(theirs, self._owner), name="deepflow-flow-run"
+        )
         process.start()
         theirs.close()
         return process, ours

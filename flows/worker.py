@@ -234,11 +234,18 @@ def run_worker(limit: int | None = None, warm: int = 1) -> None:
     """Apply the deployments and run flow runs until stopped, each in one of ``warm``
     pre-imported processes (0: forked from the preloaded fork server on demand)."""
     worker = DeepflowWorker(warm=warm, limit=limit)
+    # SIGTERM (how `deepflow up` and service managers stop a process) ends the worker like
+    # Ctrl-C, so the warm processes are closed rather than orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     worker.pool.fill()
     try:
         asyncio.run(_run(worker))
     finally:
         worker.pool.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 async def _run(worker: DeepflowWorker) -> None:

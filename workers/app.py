@@ -24,12 +24,13 @@ from deepflow.workers.constants import (
     RESULT_EXPIRES_S,
     VISIBILITY_TIMEOUT_S,
 )
+from deepflow.workers.filesystem_transport import Transport as AtomicFilesystemTransport
 
 log = logging.getLogger(__name__)
 
 
 def filesystem_broker_options(home: Path) -> dict[str, Any]:
-    """kombu's filesystem transport, under DEEPFLOW_HOME/broker."""
+    """kombu's filesystem transport (messages published atomically), under DEEPFLOW_HOME/broker."""
     root = home / "broker"
     queue, control = root / "queue", root / "control"
     for folder in (queue, control):
@@ -47,7 +48,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     app = Celery("deepflow")
     broker = settings.broker_url
+    transport: type | None = None
     if broker.startswith("filesystem"):
+        transport = AtomicFilesystemTransport
         transport_options = filesystem_broker_options(settings.ensure_home())
         results = settings.home / "results"
         results.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         backend = broker
     app.conf.update(
         broker_url=broker,
+        broker_transport=transport,
         result_backend=backend,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
