@@ -19,9 +19,10 @@ def _race(transport: type[filesystem.Transport], folder: Path) -> tuple[int, lis
     options: dict[str, Any] = {
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
-    folder.mkdir()
+    (folder / "control").mkdir(parents=True)
     received, errors = 0, []
     done = threading.Event()
 
