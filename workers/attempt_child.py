@@ -97,8 +97,7 @@ def serve(
     gc.freeze()  # the inherited heap is never collected here: no copy-on-write for it
     _reset_signals()
     attempt_log.capture_process(log_fd)
-    for database in store_db._databases.values():
-        database.engine.dispose(close=False)
+    store_db.forget_inherited_connections()
     for _ in range(max_attempts):
         request = _read_message(request_fd)
         if request is None:

@@ -42,15 +42,7 @@ from typing import Any
 
 from deepflow.workers import attempt_child, attempt_log
 from deepflow.workers.attempt_child import Outcome
-
-STOP_GRACE_S = 2.0
-"""Between SIGTERM and SIGKILL. Long enough for an operator's cleanup (kill a subprocess,
-write a row), short enough that a stopped attempt is gone within 5 s of its cancellation
-(one lease check, ``execute.STOP_CHECK_S``, plus this)."""
-
-ATTEMPTS_PER_PROCESS = 500
-"""An attempt process is replaced after this many attempts, which bounds what a leaking
-operator can accumulate; one fork per 500 attempts costs them well under 0.1 ms each."""
+from deepflow.workers.constants import ATTEMPTS_PER_PROCESS, STOP_GRACE_S
 
 EXIT_WAIT_S = 5.0
 """How long a process whose request pipe closed gets to exit before it is killed."""

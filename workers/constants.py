@@ -28,3 +28,18 @@ RESULT_EXPIRES_S = 24 * 3600
 HEARTBEATS_PER_LEASE = 3
 """A running task renews its lease this many times per lease period, so one missed beat
 (a slow database commit) does not lose it."""
+
+STOP_GRACE_S = 2.0
+"""Between SIGTERM and SIGKILL. Long enough for an operator's cleanup (kill a subprocess,
+write a row), short enough that a stopped attempt is gone within 5 s of its cancellation
+(one lease check, ``STOP_CHECK_S``, plus this)."""
+
+ATTEMPTS_PER_PROCESS = 500
+"""An attempt process is replaced after this many attempts, which bounds what a leaking
+operator can accumulate; one fork per 500 attempts costs them well under 0.1 ms each."""
+
+STOP_CHECK_S = 1.0
+"""The longest a running attempt goes without renewing (and so checking) its lease: how
+soon a cancelled job's attempt is noticed. Each check is one small UPDATE of the task's row
+(committed without waiting for the disk); the lease itself needs only HEARTBEATS_PER_LEASE
+of them per lease period."""

@@ -39,17 +39,11 @@ from deepflow.store.types import utcnow
 from deepflow.workers import attempt_log
 from deepflow.workers.attempt_child import AttemptStopped
 from deepflow.workers.attempt_process import AttemptProcess, begin_attempt, end_attempt
-from deepflow.workers.constants import HEARTBEATS_PER_LEASE
+from deepflow.workers.constants import HEARTBEATS_PER_LEASE, STOP_CHECK_S
 
 __all__ = ["AttemptStopped", "StaleAttempt", "execute_task", "worker_id"]
 
 log = logging.getLogger(__name__)
-
-STOP_CHECK_S = 1.0
-"""The longest a running attempt goes without renewing (and so checking) its lease: how
-soon a cancelled job's attempt is noticed. Each check is one small UPDATE of the task's row
-(committed without waiting for the disk); the lease itself needs only HEARTBEATS_PER_LEASE
-of them per lease period."""
 
 
 class StaleAttempt(RuntimeError):

@@ -26,6 +26,7 @@ from deepflow.store import (
     read_job,
     succeed_task,
 )
+from deepflow.store.leases import DEADLINE_GRACE_S
 from deepflow.store.types import utcnow
 
 
@@ -143,9 +144,12 @@ def test_expired_lease_is_requeued_then_failed_after_last_attempt(db: Database) 
 
 
 def test_deadline_passes_even_while_heartbeating(db: Database) -> None:
+    """A dead worker's overdue attempt ends DEADLINE_GRACE_S after its deadline (a live one
+    stops and reports it first); not before."""
     _, _, task_id = _job(db, retries=0, timeout_s=2)
     _start(db, task_id, ttl=3600)
-    assert expire_leases(db, utcnow() + timedelta(seconds=3)) == [task_id]
+    assert expire_leases(db, utcnow() + timedelta(seconds=3)) == []
+    assert expire_leases(db, utcnow() + timedelta(seconds=3 + DEADLINE_GRACE_S)) == [task_id]
     task = _task(db, task_id)
     assert task.state is TaskState.FAILED and task.error == "timed out after 2s"
 

@@ -51,8 +51,8 @@ def spawn_daemon(
 ) -> Spawned:
     """Run ``argv`` (a daemon command line; ``--ready-fd`` is added) with its output in
     ``log_path``, and return once it reports ready. ``detach``: its own session, so it
-    outlives the caller. On any failure, including an exception raised into this thread,
-    the daemon is killed before the error propagates."""
+    outlives the caller. On any failure, including the attempt being stopped (SIGTERM raises
+    ``AttemptStopped`` here), the daemon is killed before the error propagates."""
     read_fd, write_fd = os.pipe()
     with open(read_fd, "rb", buffering=0) as pipe:
         try:

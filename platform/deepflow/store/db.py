@@ -88,3 +88,10 @@ def get_database(url: str, *, durable: bool = True) -> Database:
     if key not in _databases:
         _databases[key] = Database(key[0], durable=durable)
     return _databases[key]
+
+
+def forget_inherited_connections() -> None:
+    """In a forked child: drop the parent's pooled connections without closing them (they
+    are the parent's sockets), so the child opens its own when it first needs one."""
+    for database in _databases.values():
+        database.engine.dispose(close=False)

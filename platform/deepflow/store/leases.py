@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
@@ -25,6 +25,12 @@ from deepflow.store.types import utcnow
 
 log = logging.getLogger(__name__)
 
+DEADLINE_GRACE_S = 5.0
+"""The reconciler ends a timed-out attempt only this long after its deadline. A live worker
+stops its attempt at the deadline itself (SIGTERM, SIGKILL 2 s later) and reports the timeout;
+ending it earlier here would let a retry start while the stopped attempt is still dying. A dead
+worker's attempt is ended by its lease expiring, or by this."""
+
 
 def expire_leases(db: Database, now: datetime | None = None, limit: int = 100) -> list[str]:
     """End every attempt whose lease or deadline has passed; returns the task ids.
@@ -33,13 +39,14 @@ def expire_leases(db: Database, now: datetime | None = None, limit: int = 100) -
     checks again: a heartbeat or a result may have arrived since the candidates were read.
     """
     now = now or utcnow()
+    overdue = now - timedelta(seconds=DEADLINE_GRACE_S)
     with db.transaction() as session:
         candidates = (
             session.execute(
                 select(Task.id)
                 .where(
                     Task.state == TaskState.RUNNING,
-                    or_(Task.lease_expires_at < now, Task.deadline_at < now),
+                    or_(Task.lease_expires_at < now, Task.deadline_at < overdue),
                 )
                 .order_by(Task.lease_expires_at)
                 .limit(limit)
@@ -53,7 +60,7 @@ def expire_leases(db: Database, now: datetime | None = None, limit: int = 100) -
             task = lock_task(session, task_id)
             if task.state is not TaskState.RUNNING:
                 continue
-            if task.deadline_at is not None and task.deadline_at < now:
+            if task.deadline_at is not None and task.deadline_at < overdue:
                 why = f"timed out after {task.timeout_s:g}s"
             elif task.lease_expires_at is not None and task.lease_expires_at < now:
                 why = f"lease expired: worker {task.lease_owner} stopped heartbeating"
