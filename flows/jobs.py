@@ -17,10 +17,9 @@ from prefect.exceptions import TerminationSignal
 from prefect.states import State
 from sqlalchemy import select
 
-from deepflow import store
+from deepflow import dag, store
 from deepflow.config import Settings
 from deepflow.dag import operators
-from deepflow.dag.kinds import plan_user_job
 from deepflow.flows.driver import JobDriver, final_state, route_by_queue_parameter
 from deepflow.workers.app import make_app
 from deepflow.workers.prefect_celery import CeleryTaskRunner
@@ -29,7 +28,7 @@ from deepflow.workers.prefect_celery import CeleryTaskRunner
 def create_job_for_flow_run(
     db: store.Database, kind: str, spec: dict[str, Any], tenant: str, flow_run_id: str
 ) -> str:
-    plan = plan_user_job(kind, spec)  # the same refusals as POST /v1/jobs
+    plan = dag.plan_user_job(kind, spec)  # the same refusals as POST /v1/jobs
     with db.transaction() as session:
         owner = store.ensure_tenant(session, tenant)
         job, _ = store.create_job(session, owner.id, plan, kind, f"prefect-flow-run:{flow_run_id}")

@@ -145,7 +145,7 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
                 code="job_not_finished",
             )
         kind, spec = old.kind, dict(old.spec)
-    plan = dag.plan(kind, spec)
+    plan = dag.plan_user_job(kind, spec)  # a deploy job is retried by converging, not here
     with db.transaction() as session:
         job, _ = store.create_job(session, tenant.id, plan, kind)
     dispatcher = request.app.state.dispatcher

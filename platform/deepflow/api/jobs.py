@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from deepflow import store
+from deepflow import dag, store
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.schemas import (
     EventList,
@@ -18,7 +18,6 @@ from deepflow.api.schemas import (
     JobSummary,
 )
 from deepflow.dag import JobState
-from deepflow.dag.kinds import plan_user_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -30,7 +29,7 @@ def create_job(
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
     idempotency key replays an earlier request. A kind users may not submit is a 400 on
     ``kind`` (``use_deployments``, ``kind_not_implemented``)."""
-    plan = plan_user_job(body.kind, body.spec)
+    plan = dag.plan_user_job(body.kind, body.spec)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
     dispatcher = request.app.state.dispatcher

@@ -2,7 +2,7 @@
 
 from deepflow.dag.errors import DagError
 from deepflow.dag.graph import Dag, Node
-from deepflow.dag.kinds import KINDS, Plan, plan
+from deepflow.dag.kinds import KINDS, Plan, plan, plan_user_job
 from deepflow.dag.ready import Decision, evaluate
 from deepflow.dag.spec import MAX_TASK_TIMEOUT_S, ResourceClass, TaskSpec
 from deepflow.dag.states import TERMINAL_JOB_STATES, TERMINAL_TASK_STATES, JobState, TaskState
@@ -25,4 +25,5 @@ __all__ = [
     "TriggerRule",
     "evaluate",
     "plan",
+    "plan_user_job",
 ]
