@@ -18,14 +18,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import task
-from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Failed, State
 
 from deepflow.dag import Dag, JobState, TaskState
 from deepflow.store import Database, Job, Task, drive_job, job_dag
 from deepflow.store.types import utcnow
 from deepflow.workers.execute import StaleAttempt, execute_task
-from deepflow.workers.prefect_celery import CeleryTaskRunner
+from deepflow.workers.prefect_celery import CeleryTaskRunner, PrefectCeleryFuture
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def run_attempt(task_id: str, attempt: int, queue: str) -> Any:
 @dataclass
 class _Sent:
     attempt: int
-    future: PrefectFuture[Any]
+    future: PrefectCeleryFuture[Any]
     sent_at: datetime
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -39,7 +40,7 @@ class Dispatcher:
     def __init__(self, db: Database, api_url: str) -> None:
         self.db = db
         self.api_url = api_url
-        self._deployments: dict[str, str] = {}
+        self._deployments: dict[str, UUID] = {}
 
     def _client(self) -> SyncPrefectClient:
         with temporary_settings({PREFECT_API_URL: self.api_url}):
@@ -50,7 +51,7 @@ class Dispatcher:
         with self._client() as client:
             if kind not in self._deployments:
                 deployment = client.read_deployment_by_name(deployment_name(kind))
-                self._deployments[kind] = str(deployment.id)
+                self._deployments[kind] = deployment.id
             flow_run = client.create_flow_run_from_deployment(
                 self._deployments[kind],
                 parameters={"job_id": job_id},

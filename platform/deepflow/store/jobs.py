@@ -6,9 +6,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import Table, and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -118,7 +118,7 @@ def _insert_job(
         for up in node.upstream
     ]
     if edges:  # Core, not ORM: a dense DAG has thousands, and ORM bookkeeping was 20 us apiece
-        session.execute(insert(TaskEdge.__table__), edges)
+        session.execute(insert(cast(Table, TaskEdge.__table__)), edges)
     return job
 
 
