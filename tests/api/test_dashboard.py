@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deepflow import store
+from deepflow import dag, store
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed, register
 from deepflow.dag.spec import ResourceClass
@@ -168,6 +168,22 @@ def test_retry_makes_a_new_job_from_the_same_spec(api: Api) -> None:
         "bad",
         "flaky",
     ]
+
+
+def test_retry_refuses_kinds_users_may_not_submit(api: Api) -> None:
+    """A deploy job is made by converging a deployment; retrying one by hand would launch
+    replicas nobody asked for. The retry route applies POST /v1/jobs's refusals."""
+    with api.db.transaction() as s:
+        tenant = store.authenticate(s, api.key)
+        assert tenant is not None
+        spec = {"deployment_id": "dep_x", "launch": 1}
+        job, _ = store.create_job(s, tenant.id, dag.plan("deploy", spec), "deploy")
+        job_id = job.id
+    api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers())
+    r = api.client.post(f"/v1/jobs/{job_id}/retry", headers=api.headers())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "use_deployments"
+    assert r.json()["error"]["param"] == "kind"
 
 
 @pytest.fixture
