@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MAPPED = {
+LINKED = {
     "flows": "deepflow/flows",
     "workers": "deepflow/workers",
     "migrations": "deepflow/migrations",
@@ -58,11 +58,18 @@ def _package_folders() -> set[str]:
         init.parent.relative_to(REPO / "platform").as_posix()
         for init in (REPO / "platform" / "deepflow").rglob("__init__.py")
     }
-    for top, installed in MAPPED.items():
+    for top, installed in LINKED.items():
         for init in (REPO / top).rglob("__init__.py"):
             rel = init.parent.relative_to(REPO / top)
             found.add(installed if rel == Path(".") else f"{installed}/{rel.as_posix()}")
     return found
+
+
+def test_top_level_folders_are_linked_into_the_package() -> None:
+    """The product's top-level folders are the package's subpackages, not copies."""
+    for top in LINKED:
+        link = REPO / "platform" / "deepflow" / top
+        assert link.is_symlink() and link.resolve() == (REPO / top).resolve(), link
 
 
 def test_one_top_level_package(wheel: tuple[zipfile.ZipFile, str]) -> None:
