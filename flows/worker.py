@@ -93,8 +93,6 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
             limit=limit,
         )
         self.pool = WarmPool(warm)
-        self.processes: dict[int, FlowRunProcess] = {}
-        """Process id -> the flow run's process (what ``kill_infrastructure`` is given)."""
         self.running: dict[UUID, FlowRunProcess] = {}
         """Flow run id -> its process (what a Cancelling event names)."""
         self.cancelled: set[UUID] = set()
@@ -113,13 +111,12 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
         started = await anyio.to_thread.run_sync(self.pool.start, flow_name, flow_run, env)
         process = FlowRunProcess(started)
         pid = process.pid
-        self.processes[pid] = self.running[flow_run.id] = process
+        self.running[flow_run.id] = process
         if task_status is not None:
             task_status.started(pid)
         try:
             await process.exited()
         finally:
-            self.processes.pop(pid, None)
             self.running.pop(flow_run.id, None)
         if flow_run.id in self.cancelled:  # stopped on purpose: cancelled, not crashed
             self.cancelled.discard(flow_run.id)
@@ -164,7 +161,8 @@ class DeepflowWorker(BaseWorker[DeepflowJobConfiguration, DeepflowVariables, Dee
     ) -> None:
         """Cancel a run: SIGTERM its process (Prefect's engine ends the run), SIGKILL after
         ``grace_seconds``. Only processes this worker started are touched."""
-        process = self.processes.get(int(infrastructure_pid))
+        pid = int(infrastructure_pid)
+        process = next((p for p in self.running.values() if p.pid == pid), None)
         if process is None:
             raise InfrastructureNotAvailable(
                 f"process {infrastructure_pid} is not a flow run of this worker"

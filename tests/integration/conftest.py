@@ -73,11 +73,16 @@ class Platform:
 
 @contextmanager
 def platform_up(
-    flavour: str, home: Path, workers: int = 2, worker_poll_s: int = 1
+    flavour: str,
+    home: Path,
+    workers: int = 2,
+    worker_poll_s: int = 1,
+    operator_modules: tuple[str, ...] = (),
 ) -> Iterator[Platform]:
     """A platform of real processes: ``embedded`` (SQLite, filesystem broker) or ``redis``
     (PostgreSQL, Redis). ``worker_poll_s``: how often the Prefect worker polls its pool
-    for flow runs besides being woken by their events."""
+    for flow runs besides being woken by their events. ``operator_modules``: more
+    test operators, loaded by every process as ``tests.integration.operators`` is."""
     if flavour == "embedded":
         database_url, broker_url = f"sqlite:///{home / 'deepflow.db'}", "filesystem://"
     else:
@@ -91,7 +96,7 @@ def platform_up(
         prefect_port=free_port(),
         lease_ttl_s=3.0,
         reconcile_interval_s=0.5,
-        operator_modules="tests.integration.operators",
+        operator_modules=",".join(("tests.integration.operators", *operator_modules)),
     )
     schema.upgrade(settings.database_url)
     extra_env = {

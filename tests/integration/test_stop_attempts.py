@@ -11,10 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from deepflow.config import Settings
 from deepflow.procutil import signal_alive, wait_gone
-from tests.integration import conftest
 from tests.integration.conftest import Platform, platform_up
+from tests.workers.stop_operators import read_pid
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,27 +25,9 @@ OUR_OPERATORS = "tests.workers.stop_operators"
 def platform(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
-    """``platform_up``, its workers also loading this test's operators (platform_up takes
-    no operator list, so the Settings it builds get ours added)."""
-
-    def settings(**kwargs: Any) -> Settings:
-        kwargs["operator_modules"] = f"{kwargs['operator_modules']},{OUR_OPERATORS}"
-        return Settings(**kwargs)
-
     home = tmp_path_factory.mktemp(f"stop-{request.param}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conftest, "Settings", settings)
-        with platform_up(request.param, home) as p:
-            patch.undo()
-            yield p
-
-
-def _pid(path: Path, timeout_s: float = 90) -> int:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, "the operator never started"
-        time.sleep(0.05)
-    return int(path.read_text())
+    with platform_up(request.param, home, operator_modules=(OUR_OPERATORS,)) as p:
+        yield p
 
 
 def _task(platform: Platform, job_id: str) -> dict[str, Any]:
@@ -59,7 +40,7 @@ def test_cancel_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path: 
     job_id = platform.post({"tasks": [{"name": "c", "operator": "test.c_sleep", "args": args}]})[
         "id"
     ]
-    pid = _pid(tmp_path / "pid")
+    pid = read_pid(tmp_path / "pid", 90)
     assert signal_alive(pid) and platform.job(job_id)["state"] == "running"
     cancelled = httpx.post(f"{platform.url}/v1/jobs/{job_id}/cancel", headers=platform.headers())
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
@@ -74,7 +55,7 @@ def test_timeout_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path:
         "tasks": [{"name": "t", "operator": "test.c_sleep", "timeout_s": timeout_s, "args": args}]
     }
     job_id = platform.post(spec)["id"]
-    pid = _pid(tmp_path / "pid")
+    pid = read_pid(tmp_path / "pid", 90)
     started = time.monotonic()  # the claim set the deadline a moment before
     while (task := _task(platform, job_id))["state"] == "running":
         assert time.monotonic() - started < timeout_s + STOP_WITHIN_S, "not stopped in time"

@@ -26,6 +26,15 @@ def _write_pid(args: dict[str, Any]) -> None:
     path.with_suffix(".tmp").rename(path)
 
 
+def read_pid(path: Path, timeout_s: float = 60) -> int:
+    """The pid an operator wrote with ``_write_pid``, once it has started."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, "the operator never started"
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
 def _start_children(args: dict[str, Any]) -> None:
     """Start two ``sleep`` processes: one in the attempt's process group, one in a session
     of its own (as ``deploy.launch_replica`` starts its daemon); their pids to a file."""

@@ -30,7 +30,7 @@ from deepflow.store import (
 from deepflow.store.logs import read_task_logs
 from deepflow.workers import attempt_process
 from deepflow.workers.execute import StaleAttempt, execute_task
-from tests.workers import stop_operators  # noqa: F401  (registers the test operators)
+from tests.workers.stop_operators import read_pid  # importing registers the test operators
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,13 +74,6 @@ def _log(db: Database, task: Task) -> Any:
         name = s.get(Task, task.id).name  # type: ignore[union-attr]
         return read_task_logs(s, task.tenant_id, task.job_id, name)[-1]
 
-
-def _pid(path: Path, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, "the operator never started"
-        time.sleep(0.02)
-    return int(path.read_text())
 
 
 def test_output_and_everything_the_attempt_writes_come_back(db: Database, settings: Settings):
@@ -187,7 +180,7 @@ def test_cancelling_the_job_stops_the_attempt_and_its_group_not_other_sessions(
 
     thread = threading.Thread(target=attempt)
     thread.start()
-    pid = _pid(tmp_path / "pid")
+    pid = read_pid(tmp_path / "pid", 30)
     grouped, detached = map(int, (tmp_path / "children").read_text().split())
     try:
         with db.transaction() as s:
