@@ -148,3 +148,9 @@ def test_an_engine_replaying_graphs_generates_what_an_eager_one_does(tiny_llama:
             assert o.token_ids == r.token_ids, request_id
             assert o.cumulative_logprob == pytest.approx(r.cumulative_logprob, abs=1e-3)
             assert (o.logprobs is None) == (r.logprobs is None)
+            if r.logprobs is not None:  # one entry per token, the same values, fast or not
+                assert o.logprobs is not None and len(o.logprobs) == len(r.logprobs)
+                for fast_step, ref_step in zip(o.logprobs, r.logprobs, strict=True):
+                    assert set(fast_step) == set(ref_step), request_id
+                    for tid, lp in ref_step.items():
+                        assert fast_step[tid].logprob == pytest.approx(lp.logprob, abs=1e-3)

@@ -90,7 +90,6 @@ class LLMEngine:
         self.eos_token_ids = list(tokenizer.eos_token_ids)
         self.scheduler = Scheduler(config, num_blocks, block_size)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
-        self.requests: dict[str, SequenceGroup] = self.output.requests
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         overlap = config.async_scheduling
@@ -189,6 +188,11 @@ class LLMEngine:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
         return self.output.aborted(group, ended)
+
+    @property
+    def requests(self) -> dict[str, SequenceGroup]:
+        """Unfinished requests by id (the output processor's: it retires finished ones)."""
+        return self.output.requests
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

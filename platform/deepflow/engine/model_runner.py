@@ -68,7 +68,8 @@ class ModelRunner:
         self.kv_cache = self._allocate_cache()
         self.graphs = self._capture_graphs()
         self.sampler = Sampler(config.seed)
-        self._logits = torch.empty(0, self.vocab_size, device=self.device.torch_device)
+        self._no_logits = torch.empty(0, self.vocab_size, device=self.device.torch_device)
+        self._logits = self._no_logits
         self._greedy: GreedySamples | None = None
         """The last step's greedy samples taken inside its decode graph, if it replayed one."""
 
@@ -263,11 +264,13 @@ class ModelRunner:
         chunk order, stay on the device (`logits`) for sample(), until the next execute().
         `pending`: the previous step's sampled tokens, for sequences whose last token is
         PENDING_TOKEN (the engine schedules a step before the one before it has finished)."""
-        self._greedy = None
+        # Let the last step's logits go before this step allocates its own (a view of them
+        # would keep the whole [rows, vocab] tensor alive).
+        self._greedy, self._logits = None, self._no_logits
         self.copy_blocks(batch.block_copies)
         if not batch.chunks:
-            self._logits = self._logits[:0]
-        elif self.graphs is not None and self.graphs.fits(batch.chunks):
+            return
+        if self.graphs is not None and self.graphs.fits(batch.chunks):
             self._logits, self._greedy = self.graphs.run(batch.chunks, pending)
         else:
             self._logits = self._run_eager(batch.chunks, pending)

@@ -8,7 +8,7 @@ from typing import Any
 from deepflow.engine.daemon.engine_server import Admitted
 from deepflow.engine.daemon.errors import error_body
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
-from deepflow.engine.sampler import Logprob
+from deepflow.engine.outputs import Logprob
 from deepflow.streaming import ClosingStreamingResponse
 
 # JSON has no -inf; a token the model rules out gets vLLM's floor instead.
