@@ -232,7 +232,10 @@ def test_killing_an_instance_mid_load(serving: Platform, deployed: dict[str, Any
     failed = [r for r in results if isinstance(r, Exception)]
     done = [r for r in results if not isinstance(r, Exception)]
     assert all(tokens == 48 for tokens, _ in done)
-    assert len(done) >= 60, f"{len(failed)} failed: {failed[:3]}"
-    assert all("mid-stream" in str(e) or "instance" in str(e) for e in failed), failed[:3]
+    why = Counter(f"{type(e).__name__}: {str(e)[:100]}" for e in failed)
+    # Only what the victim was streaming when it died may fail; whatever arrived later, or
+    # had not had a byte back, goes to the survivor.
+    assert len(done) >= 60, f"{len(failed)} failed: {why}"
+    assert all("mid-stream" in str(e) for e in failed), why
     d = wait_deployment(serving, deployed["id"], "ready", ready=2, timeout_s=180)
     assert victim["id"] not in {i["id"] for i in d["instances"] if i["state"] == "ready"}

@@ -4,6 +4,11 @@ A request is tried on another instance when its first one refused the connection
 draining (503) or over capacity (429), or broke before a single byte reached the client. Once
 bytes have been streamed, a broken upstream ends the stream with an OpenAI error event
 (the official client raises it) instead of a silent truncation.
+
+Only a refused (or timed-out) connection takes an instance out of rotation for ``DOWN_FOR_S``:
+a connection that breaks later may be a pooled one the instance closed as idle, which says
+nothing about the instance. And when every instance of a route is out of rotation, they are
+tried anyway: a stale mark must not turn a working instance into a 503.
 """
 
 from __future__ import annotations
@@ -16,16 +21,22 @@ from typing import Any
 import httpx
 from fastapi import Response
 
-from deepflow.api.errors import APIError, error_response
 from deepflow.gateway.policies import Endpoint
 from deepflow.gateway.table import Route
+from deepflow.openai_errors import OpenAIError, error_body
 from deepflow.streaming import ClosingStreamingResponse
 
 ATTEMPTS = 3
 DOWN_FOR_S = 5.0
 RETRY_STATUS = {429, 503}
 TIMEOUT = httpx.Timeout(connect=2.0, read=600.0, write=30.0, pool=30.0)
-LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+KEEPALIVE_S = 20.0
+"""How long an idle pooled connection is reused: well below the engine daemon's keep-alive
+(``engine/daemon/main.py: KEEP_ALIVE_S``), so the gateway drops a connection before the daemon
+closes it under a request that is being sent."""
+LIMITS = httpx.Limits(
+    max_connections=4096, max_keepalive_connections=512, keepalive_expiry=KEEPALIVE_S
+)
 
 
 class Proxy:
@@ -50,7 +61,9 @@ class Proxy:
         tried: set[str] = set()
         last: Response | None = None
         for _ in range(ATTEMPTS):
-            candidates = [e for e in route.live(time.monotonic()) if e.instance_id not in tried]
+            untried = [e for e in route.endpoints if e.instance_id not in tried]
+            live = [e for e in route.live(time.monotonic()) if e.instance_id not in tried]
+            candidates = live or untried
             if not candidates:
                 break
             endpoint = route.policy.choose(candidates, hashes, cost)
@@ -67,8 +80,10 @@ class Proxy:
                 )
                 try:
                     upstream = await self.client.send(request, stream=True)
-                except httpx.TransportError:
+                except (httpx.ConnectError, httpx.ConnectTimeout):
                     endpoint.down_until = time.monotonic() + DOWN_FOR_S
+                    continue
+                except httpx.TransportError:  # broke before answering: nothing sent yet
                     continue
                 if upstream.status_code in RETRY_STATUS:
                     last = await _buffered(upstream)
@@ -76,8 +91,7 @@ class Proxy:
                 if not stream or upstream.status_code >= 400:
                     try:
                         response = await _buffered(upstream)
-                    except httpx.TransportError:  # died before answering: nothing sent yet
-                        endpoint.down_until = time.monotonic() + DOWN_FOR_S
+                    except httpx.TransportError:  # broke before answering: nothing sent yet
                         continue
                     endpoint.remember(hashes)
                     return response
@@ -86,7 +100,6 @@ class Proxy:
                     first = await anext(chunks)
                 except (httpx.TransportError, StopAsyncIteration):
                     await upstream.aclose()
-                    endpoint.down_until = time.monotonic() + DOWN_FOR_S
                     continue
                 endpoint.remember(hashes)
                 handed_over = True
@@ -98,7 +111,7 @@ class Proxy:
                     _release(e, cost)
 
                 return ClosingStreamingResponse(
-                    _relay(first, chunks, endpoint),
+                    _relay(first, chunks),
                     close,
                     status_code=upstream.status_code,
                     media_type=upstream.headers.get("content-type", "text/event-stream"),
@@ -108,7 +121,7 @@ class Proxy:
                     _release(endpoint, cost)
         if last is not None:
             return last
-        raise APIError(
+        raise OpenAIError(
             503,
             "no instance of this model could take the request; try again shortly",
             code="no_ready_instance",
@@ -132,21 +145,18 @@ def _release(endpoint: Endpoint, cost: int) -> None:
     endpoint.outstanding_requests -= 1
 
 
-async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], endpoint: Endpoint
-) -> AsyncIterator[bytes]:
+async def _relay(first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Pass chunks through as they arrive (the response closes upstream when it ends)."""
     yield first
     try:
         async for chunk in chunks:
             yield chunk
     except httpx.TransportError as exc:
-        endpoint.down_until = time.monotonic() + DOWN_FOR_S
         yield _error_event(f"the model instance stopped mid-stream: {type(exc).__name__}")
 
 
 def _error_event(message: str) -> bytes:
-    body = json.loads(error_response(502, message, None, "instance_failed").body)
+    body = error_body(502, message, None, "instance_failed")
     return f"data: {json.dumps(body)}\n\n".encode()
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from deepflow.api.errors import APIError
 from deepflow.gateway.policies import prefix_hashes
 from deepflow.gateway.proxy import Proxy, request_cost
 from deepflow.gateway.table import KeyCache, RoutingTable
+from deepflow.openai_errors import OpenAIError as APIError
 from deepflow.store import Tenant
 
 router = APIRouter(prefix="/v1", tags=["gateway"])

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 8100
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 65
+"""Seconds an idle client connection stays open. A pooling client (the gateway) must drop idle
+connections sooner, or a request it sends can meet the close (uvicorn's default is 5 s, the
+same as httpx's pool expiry: a race)."""
 _ENGINE_OPTIONS = ("max_num_seqs", "num_kv_blocks", "dtype", "device", "max_model_len")
 
 
@@ -170,6 +174,7 @@ def run_daemon(
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         flowserve = app.state.flowserve
         server = _make_server(config, flowserve)
