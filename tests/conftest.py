@@ -78,3 +78,21 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     with database.engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     database.dispose()
+
+
+LOG_TAIL_LINES = 30
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """A failed test on a platform of real processes shows the end of each process's log:
+    CI keeps only the test output, and the cause is usually in a log."""
+    report = yield
+    if report.failed and call.when == "call":
+        for name in ("platform", "serving"):
+            settings = getattr(getattr(item, "funcargs", {}).get(name), "settings", None)
+            logs = Path(settings.home) / "logs" if settings is not None else None
+            for log in sorted(logs.glob("*.log")) if logs and logs.is_dir() else []:
+                tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+                report.sections.append((f"{name}: {log.name}", "\n".join(tail)))
+    return report

@@ -1,19 +1,30 @@
 """Hands accepted jobs to Prefect: one flow run of the job kind's deployment per job.
 
-The API dispatches each job right after committing it. If Prefect is unreachable then,
-the job stays ``pending`` and ``dispatch_pending`` (run by the reconciler loop) tries
-again later; Prefect's idempotency key (the job id) makes a retried creation return the
-same flow run, so a job never gets two.
+The API dispatches each job right after committing it, waiting on Prefect for at most
+``REQUEST_DISPATCH_S`` (one try, no retries): a slow or unreachable Prefect must not hold up
+the request that was accepted. A job not handed over then stays ``pending`` and
+``dispatch_pending`` (run by the reconciler loop, with Prefect's own timeouts and retries)
+tries again later; Prefect's idempotency key (the job id) makes a retried creation return the
+same flow run, also when the first creation went through after its caller gave up, so a job
+never gets two.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_REQUEST_TIMEOUT,
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    temporary_settings,
+)
 from sqlalchemy import select
 
 from deepflow.dag import JobState
@@ -23,6 +34,9 @@ from deepflow.store.types import utcnow
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "default"
+REQUEST_DISPATCH_S = 10.0
+"""The longest a request (``POST /v1/jobs``, a dashboard retry) waits on Prefect."""
+SLOW_DISPATCH_S = 2.0
 
 
 def flow_name(kind: str) -> str:
@@ -42,13 +56,23 @@ class Dispatcher:
         self.api_url = api_url
         self._deployments: dict[str, UUID] = {}
 
-    def _client(self) -> SyncPrefectClient:
-        with temporary_settings({PREFECT_API_URL: self.api_url}):
-            return get_client(sync_client=True)
+    @contextmanager
+    def _client(self, bounded: bool) -> Iterator[SyncPrefectClient]:
+        settings: dict = {PREFECT_API_URL: self.api_url}
+        if bounded:
+            settings |= {
+                PREFECT_API_REQUEST_TIMEOUT: REQUEST_DISPATCH_S,
+                PREFECT_CLIENT_MAX_RETRIES: 0,
+            }
+        # the client reads its timeout when made, its retries when it sends: hold both
+        with temporary_settings(settings), get_client(sync_client=True) as client:
+            yield client
 
-    def dispatch(self, job_id: str, kind: str) -> str:
-        """Create (or find) the job's flow run and record it; returns the flow run id."""
-        with self._client() as client:
+    def dispatch(self, job_id: str, kind: str, bounded: bool = False) -> str:
+        """Create (or find) the job's flow run and record it; returns the flow run id.
+        ``bounded``: one try of at most ``REQUEST_DISPATCH_S`` per call to Prefect."""
+        start = time.monotonic()
+        with self._client(bounded) as client:
             if kind not in self._deployments:
                 deployment = client.read_deployment_by_name(deployment_name(kind))
                 self._deployments[kind] = deployment.id
@@ -58,15 +82,19 @@ class Dispatcher:
                 idempotency_key=f"deepflow-job:{job_id}",
                 tags=["deepflow", f"kind:{kind}"],
             )
+        if (took := time.monotonic() - start) > SLOW_DISPATCH_S:
+            log.warning("Prefect took %.1f s to create the flow run of job %s", took, job_id)
         with self.db.transaction() as session:
             attach_flow_run(session, job_id, str(flow_run.id))
         return str(flow_run.id)
 
-    def try_dispatch(self, job_id: str, kind: str) -> str | None:
+    def try_dispatch(self, job_id: str, kind: str, bounded: bool = True) -> str | None:
+        """``dispatch``, or None when Prefect failed or was slow: the reconciler's
+        ``dispatch_pending`` hands the job over later. Bounded by default (for requests)."""
         try:
-            return self.dispatch(job_id, kind)
-        except Exception as exc:  # Prefect down: the job waits, pending, for the next pass
-            log.warning("could not dispatch job %s yet: %s", job_id, exc)
+            return self.dispatch(job_id, kind, bounded)
+        except Exception as exc:  # Prefect down or slow: the job waits, pending, for the next pass
+            log.warning("could not dispatch job %s yet: %r", job_id, exc)
             return None
 
     def dispatch_pending(self, older_than_s: float = 5.0) -> list[str]:
@@ -80,4 +108,4 @@ class Dispatcher:
                     Job.created_at < cutoff,
                 )
             ).all()
-        return [job_id for job_id, kind in rows if self.try_dispatch(job_id, kind)]
+        return [job_id for job_id, kind in rows if self.try_dispatch(job_id, kind, bounded=False)]

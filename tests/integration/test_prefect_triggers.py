@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
-from deepflow.dispatch import deployment_name
+from deepflow.dispatch import REQUEST_DISPATCH_S, deployment_name
 from tests.integration.conftest import Platform
 
 pytestmark = pytest.mark.timeout(240)
@@ -117,3 +119,21 @@ def test_cancelling_the_flow_run_in_prefect_cancels_the_job(platform: Platform) 
         while not (state := client.read_flow_run(flow_run_id).state) or not state.is_cancelled():
             assert time.monotonic() < deadline, f"flow run still {state}"
             time.sleep(0.5)
+
+
+def test_a_stalled_prefect_holds_up_no_request_and_loses_no_job(platform: Platform) -> None:
+    """Prefect frozen (SIGSTOP): ``POST /v1/jobs`` still answers within the dispatch bound,
+    the job accepted and pending; once Prefect runs again the reconciler hands it over."""
+    server = next(p for p in platform.stack.parts if p.name == "prefect server")
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        job = platform.post(SPEC)
+        took = time.monotonic() - start
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert took < REQUEST_DISPATCH_S + 5, f"the request waited {took:.1f} s on Prefect"
+    assert (job["state"], job["flow_run_id"]) == ("pending", None)
+    done = platform.wait(job["id"], timeout_s=120)
+    assert done["state"] == "succeeded" and done["flow_run_id"], done
