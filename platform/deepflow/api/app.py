@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import dashboard, deployments, errors, jobs
+from deepflow.api import dashboard, deployments, docs, errors, jobs
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
@@ -21,6 +21,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         title="DeepFlow",
         version=__version__,
         description="Serverless LLM platform: jobs as task DAGs, OpenAI-compatible serving.",
+        docs_url=None,  # docs.install serves it from packaged files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.db = db or get_database(settings.database_url)
@@ -28,6 +30,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         Dispatcher(app.state.db, settings.prefect_api_url) if settings.prefect_api_url else None
     )
     errors.install(app)
+    docs.install(app)
     app.include_router(jobs.router)
     app.include_router(deployments.router)
     gateway.install(app)
