@@ -3,14 +3,20 @@
 PostgreSQL is the server on 127.0.0.1:5432 (trust auth). ``.ci/run`` creates a throw-away
 database and names it in DEEPFLOW_TEST_DATABASE_URL; without it, the fixtures create and
 drop their own. Tests never fake the database.
+
+A test whose server (PostgreSQL, Redis) or browser (Debian's chromium) is missing is skipped,
+saying what is missing and how to get it, and the rest run. ``DEEPFLOW_TEST_SERVICES=required``
+(set by ``.ci/run``) makes a missing one a failure instead: CI must not pass by skipping.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,53 @@ from deepflow.store import Base, Database, schema
 PG_SERVER = normalize_database_url(
     os.environ.get("DEEPFLOW_TEST_POSTGRES_SERVER", "postgresql://postgres@127.0.0.1:5432/postgres")
 )
+
+
+SERVICES = {
+    "postgres": (
+        ("127.0.0.1", 5432),
+        "PostgreSQL is not running on 127.0.0.1:5432 (trust auth): start it, e.g. "
+        "`pg_ctlcluster --skip-systemctl-redirect 15 main start`, as .ci/run does",
+    ),
+    "redis": (
+        ("127.0.0.1", 6379),
+        "Redis is not running on 127.0.0.1:6379: start it, e.g. `redis-server --daemonize yes`, "
+        "as .ci/run does",
+    ),
+}
+
+
+@cache
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(what: str, present: bool, how: str) -> None:
+    """Skip the test (or fail it, under DEEPFLOW_TEST_SERVICES=required) if ``what`` is missing."""
+    if present:
+        return
+    message = f"needs {what}: {how}"
+    if os.environ.get("DEEPFLOW_TEST_SERVICES") == "required":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_service(name: str) -> None:
+    address, how = SERVICES[name]
+    require(name, _listening(*address), how)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # The redis flavour of the platform keeps its store on PostgreSQL too.
+    needs = {m.name for m in item.iter_markers() if m.name in SERVICES}
+    if "redis" in needs:
+        needs.add("postgres")
+    for name in sorted(needs, reverse=True):  # redis first: it names the flavour
+        require_service(name)
 
 
 def create_pg_database(prefix: str = "deepflow_test") -> str:
@@ -46,6 +99,7 @@ def drop_pg_database(url: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database for the whole session."""
+    require_service("postgres")
     given = os.environ.get("DEEPFLOW_TEST_DATABASE_URL")
     url = normalize_database_url(given) if given else create_pg_database()
     schema.upgrade(url)

@@ -25,10 +25,11 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from deepflow.config import Settings
 from deepflow.launcher import ApiServer
 from deepflow.store import Database, create_api_key, schema
+from tests.conftest import require
 from tests.daemon.conftest import daemon, tiny_model  # noqa: F401  (fixtures, reused)
 from tests.integration.conftest import REPO, platform  # noqa: F401  (the fixture, reused)
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("DEEPFLOW_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -41,8 +42,7 @@ SCREENSHOTS = REPO / "docs" / "screenshots"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    require("chromium", Path(CHROMIUM).exists(), "apt-get install -y chromium (.ci/run does)")
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
