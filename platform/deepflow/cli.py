@@ -86,8 +86,9 @@ def _reconciler(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from deepflow.engine.daemon.main import run_from_args
+    from deepflow.engine.daemon.options import parse_args
 
-    return run_from_args(args)
+    return run_from_args(parse_args(args.argv))
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
@@ -151,10 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     reconciler = sub.add_parser("reconciler", help="requeue expired leases, dispatch jobs")
     reconciler.set_defaults(func=_reconciler)
 
-    from deepflow.engine.daemon.main import add_arguments as add_serve_arguments
-
-    daemon = sub.add_parser("serve", help="serve one model over OpenAI's API (FlowServe)")
-    add_serve_arguments(daemon)
+    # The daemon parses its own command line (vLLM's flags, one-line errors): this parser has
+    # no options ("\0" prefixes none) and hands it every argument, --help included.
+    daemon = sub.add_parser(
+        "serve",
+        help="serve one model over OpenAI's API (FlowServe; takes vLLM's flags)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    daemon.add_argument("argv", nargs=argparse.REMAINDER)
     daemon.set_defaults(func=_serve)
 
     model = sub.add_parser("make-test-model", help="write a random-weight model folder")

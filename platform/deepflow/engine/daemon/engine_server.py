@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -32,11 +32,20 @@ class ClientGone(Exception):
 
 
 class EngineServer:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_waiting: int) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        model_name: str,
+        max_waiting: int,
+        aliases: Sequence[str] = (),
+    ) -> None:
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
         self.engine = engine
         self.model_name = model_name
+        """The id responses carry."""
+        self.model_names = tuple(dict.fromkeys((model_name, *aliases)))
+        """Every id a request may ask for: the model name, then its aliases."""
         self.max_waiting = max_waiting
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len: int = engine.engine.max_model_len
@@ -57,10 +66,11 @@ class EngineServer:
 
     # ---- admission and validation -----------------------------------------------------------
     def check_model(self, model: str) -> None:
-        if model != self.model_name:
+        if model not in self.model_names:
+            served = " or ".join(map(repr, self.model_names))
             raise OpenAIError(
                 404,
-                f"the model {model!r} does not exist; this server has {self.model_name!r}",
+                f"the model {model!r} does not exist; this server has {served}",
                 param="model",
                 code="model_not_found",
             )

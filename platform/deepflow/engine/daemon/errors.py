@@ -61,6 +61,12 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return bad_request(f"{param}: {err.get('msg')}", param)
 
 
+def _openai_paths(app: FastAPI) -> list[str]:
+    """The app's /v1 paths as clients write them, read from its OpenAPI schema (FastAPI builds
+    it once; included routers are not plain routes in ``app.routes``)."""
+    return [path for path in app.openapi()["paths"] if path.startswith("/v1/")]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -72,9 +78,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error.status, error.message, error.param, error.code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), None, code)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no route took the path
+            message = (
+                f"{request.method} {request.url.path} is not served here; "
+                f"this server serves {', '.join(_openai_paths(app))}"
+            )
+        return error_response(exc.status_code, message, None, code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

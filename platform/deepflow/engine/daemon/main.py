@@ -30,16 +30,22 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepflow.engine.daemon.options import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HOST,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_PORT,
+    engine_options,
+    parse_args,
+)
+
 if TYPE_CHECKING:
     from deepflow.engine.daemon.engine_server import EngineServer
 
-DEFAULT_PORT = 8100
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 65
 """Seconds an idle client connection stays open. A pooling client (the gateway) must drop idle
 connections sooner, or a request it sends can meet the close (uvicorn's default is 5 s, the
 same as httpx's pool expiry: a race)."""
-_ENGINE_OPTIONS = ("max_num_seqs", "num_kv_blocks", "dtype", "device", "max_model_len")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,87 +74,42 @@ class ReadyReport:
             raise ValueError(f"not a ready report ({exc!r}): {line[:200]!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `deepflow serve` (also `python -m deepflow.engine.daemon`)."""
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"default {DEFAULT_PORT}; 0 picks a free port (the ready line and report say)",
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the model id clients ask for (default: the folder's name)",
-    )
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=None, help="most sequences in one engine step"
-    )
-    parser.add_argument(
-        "--max-waiting",
-        type=int,
-        default=1024,
-        help="requests queued without a first token above which new ones get 429",
-    )
-    parser.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=None,
-        help="exact KV-cache size in blocks (default: from memory)",
-    )
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu ... (default: best)")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=DEFAULT_DRAIN_TIMEOUT_S,
-        help="seconds open requests get to finish after SIGTERM or /drain",
-    )
-    parser.add_argument(
-        "--ready-fd",
-        type=int,
-        default=None,
-        metavar="N",
-        help="an inherited pipe: once serving, write one JSON line (url, host, port, pid, "
-        "model) to it and close it; for launchers",
-    )
-    parser.add_argument(
-        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
-    )
-
-
 def run_from_args(args: argparse.Namespace) -> int:
-    engine_kwargs = {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k) is not None}
+    """Serve what ``options.parse_args`` read."""
+    names = args.served_model_name or [None]
     return run_daemon(
-        args.model_dir,
+        args.model,
         host=args.host,
         port=args.port,
-        served_model_name=args.served_model_name,
+        served_model_name=names[0],
+        aliases=names[1:],
+        api_keys=args.api_key or (),
         max_waiting=args.max_waiting,
         drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
         ready_fd=args.ready_fd,
-        **engine_kwargs,
+        **engine_options(args),
     )
 
 
 def run_daemon(
     model_dir: str | Path,
     *,
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     served_model_name: str | None = None,
-    max_waiting: int = 1024,
+    aliases: Sequence[str] = (),
+    api_keys: Sequence[str] = (),
+    max_waiting: int = DEFAULT_MAX_WAITING,
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     log_level: str = "warning",
     ready_fd: int | None = None,
     **engine_kwargs: Any,
 ) -> int:
     """Serve until drained (exit status 0) or interrupted. ``engine_kwargs``: EngineConfig
-    fields. ``ready_fd``: where to write the ``ReadyReport`` (see the module's docstring)."""
+    fields. ``aliases``: further model ids clients may ask for. ``api_keys``: any one of them
+    opens the /v1 routes and /drain (none: all open). ``ready_fd``: where to write the
+    ``ReadyReport`` (see the module's docstring)."""
     if ready_fd is not None:
         _keep_to_self(ready_fd)
     folder = Path(model_dir)
@@ -165,7 +126,7 @@ def run_daemon(
     name = served_model_name or folder.resolve().name
     engine = AsyncLLMEngine.from_model(str(folder), **engine_kwargs)
     try:
-        app = build_app(engine, name, max_waiting=max_waiting)
+        app = build_app(engine, name, max_waiting=max_waiting, aliases=aliases, api_keys=api_keys)
         config = uvicorn.Config(
             app,
             host=host,
@@ -268,12 +229,7 @@ async def _serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m deepflow.engine.daemon",
-        description="FlowServe: one model behind OpenAI's API",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(argv, prog="python -m deepflow.engine.daemon")
     try:
         return run_from_args(args)
     except Exception as exc:  # one line for people, as the deepflow CLI does
