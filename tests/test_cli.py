@@ -121,8 +121,8 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         curl, client = proc.stdout.readline().strip(), proc.stdout.readline().strip()
         answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
         assert json.loads(answer.stdout)["choices"][0]["message"]["role"] == "assistant", answer
-        python = client.replace("python -c", f"{sys.executable} -c", 1)
-        said = subprocess.run(python, shell=True, capture_output=True, text=True, timeout=60)
+        assert client.startswith(f"{sys.executable} -c"), "the line must run as printed"
+        said = subprocess.run(client, shell=True, capture_output=True, text=True, timeout=60)
         assert said.returncode == 0, said.stderr
     finally:
         proc.send_signal(signal.SIGINT)
@@ -135,3 +135,131 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
 def test_usage_errors_exit_2(tmp_path: Path, argv: list[str]) -> None:
     result = _deepflow(*argv, env=_env(tmp_path))
     assert result.returncode == 2 and "usage: deepflow" in result.stderr
+
+
+def _start_up(home: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+    """``deepflow up --no-model``; returns it and its banner."""
+    env = _env(home, DEEPFLOW_PREFECT_PORT=str(free_port()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepflow.cli", "up", "--no-model", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 150
+    assert proc.stdout is not None
+    while not any("Ctrl-C" in line for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        lines.append(proc.stdout.readline())
+    return proc, "".join(lines)
+
+
+@pytest.mark.timeout(400)
+def test_job_commands_against_a_running_up(tmp_path: Path) -> None:
+    """submit (--wait, success and failure), jobs, job, logs, cancel, deployments, status and
+    down, each a process of its own, finding the API through the home ``up`` runs in."""
+    proc, _ = _start_up(tmp_path, free_port())
+    env = _env(tmp_path)  # no URL, no key: both come from the running up
+    try:
+        status = _deepflow("status", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        for part in ("api", "prefect api", "prefect worker", "cpu worker 0"):
+            assert re.search(rf"{part}\s+healthy", status.stdout), status.stdout
+
+        good = tmp_path / "good.json"
+        good.write_text(
+            json.dumps(
+                {
+                    "tasks": [
+                        {"name": "a", "operator": "echo", "args": {"x": 1}},
+                        {"name": "b", "operator": "noop", "depends_on": ["a"]},
+                    ]
+                }
+            )
+        )
+        ok = _deepflow("submit", str(good), "--wait", env=env)
+        assert ok.returncode == 0, ok.stderr
+        ok_id = ok.stdout.strip()
+        assert re.fullmatch(r"job_\w+", ok_id), ok.stdout
+        assert "2/2 done" in ok.stderr and f"job {ok_id} succeeded" in ok.stderr, ok.stderr
+
+        failing = json.dumps(
+            {"tasks": [{"name": "boom", "operator": "fail", "args": {"message": "no luck"}}]}
+        )
+        bad = subprocess.run(
+            [sys.executable, "-m", "deepflow.cli", "submit", "-", "--wait"],
+            input=failing,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert bad.returncode == 1, bad.stderr
+        bad_id = bad.stdout.strip()
+        assert f"job {bad_id} failed" in bad.stderr and "task boom failed" in bad.stderr
+        assert "no luck" in bad.stderr
+
+        listed = _deepflow("jobs", env=env)
+        assert listed.returncode == 0 and ok_id in listed.stdout and bad_id in listed.stdout
+        only_failed = _deepflow("jobs", "--state", "failed", env=env)
+        assert bad_id in only_failed.stdout and ok_id not in only_failed.stdout
+
+        shown = _deepflow("job", ok_id, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"^b\s+noop\s+succeeded\s+1/\d+\s+a$", shown.stdout, re.M), shown.stdout
+
+        logged = _deepflow("logs", bad_id, "boom", env=env)
+        assert logged.returncode == 0, logged.stderr
+        assert "== boom · attempt 1 · failed" in logged.stdout, logged.stdout
+        missing = _deepflow("logs", bad_id, "nope", env=env)
+        assert missing.returncode == 1 and "has no task 'nope'" in missing.stderr
+
+        long = json.dumps(
+            {"tasks": [{"name": "long", "operator": "sleep", "args": {"seconds": 120}}]}
+        )
+        started = subprocess.run(
+            [sys.executable, "-m", "deepflow.cli", "submit", "-"],
+            input=long,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        long_id = started.stdout.strip()
+        cancelled = _deepflow("cancel", long_id, env=env)
+        assert cancelled.returncode == 0 and f"job {long_id} cancelled" in cancelled.stdout
+        again = _deepflow("cancel", long_id, env=env)
+        assert again.returncode == 1 and again.stderr.startswith("deepflow: error: 409")
+        assert again.stderr.strip().count("\n") == 0
+
+        deployments = _deepflow("deployments", env=env)
+        assert deployments.returncode == 0 and deployments.stdout.startswith("ID")
+
+        down = _deepflow("down", env=env)
+        assert down.returncode == 0 and "DeepFlow stopped." in down.stdout, down.stderr
+        assert proc.wait(timeout=10) == 0
+        after = _deepflow("status", env=env)
+        assert after.returncode == 1 and "not running" in after.stdout
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+
+
+def test_job_commands_without_a_platform_say_so_in_one_line(tmp_path: Path) -> None:
+    result = _deepflow("jobs", env=_env(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("deepflow: error: no DeepFlow API to talk to")
+    gone = _deepflow("jobs", env=_env(tmp_path, DEEPFLOW_API_URL=f"http://127.0.0.1:{free_port()}"))
+    assert gone.returncode == 1 and "cannot reach the DeepFlow API" in gone.stderr
+    assert gone.stderr.strip().count("\n") == 0
+
+
+def test_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "deepflow.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and re.fullmatch(r"deepflow \d+\.\d+\.\d+\n", result.stdout)

@@ -8,6 +8,11 @@ from collections.abc import Callable, Sequence
 
 from deepflow.config import Settings
 
+DESCRIPTION = (
+    "DeepFlow: LLM serving and workflows. `deepflow up` runs the whole platform here; the job "
+    "commands talk to its API (DEEPFLOW_API_URL and DEEPFLOW_API_KEY, else the running `up`)."
+)
+
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from deepflow.store import schema
@@ -103,8 +108,43 @@ def _redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepflow")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "(not installed)"
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows an option's default where it has a telling one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepflow", description=__doc__)
+    from deepflow.job_commands import add_commands as add_job_commands
+
+    parser = argparse.ArgumentParser(prog="deepflow", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the whole platform on this machine")
@@ -112,17 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="API port (default DEEPFLOW_API_PORT)")
     up.add_argument("--no-model", action="store_true", help="do not deploy the quick-start model")
     up.set_defaults(func=_up)
+    add_job_commands(sub)
 
     api = sub.add_parser("api", help="serve the HTTP API alone")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on")
     api.set_defaults(func=_api)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True
     )
     upgrade = db.add_parser("upgrade", help="migrate the configured database")
-    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument("revision", nargs="?", default="head", help="alembic revision")
     upgrade.set_defaults(func=_db_upgrade)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(
@@ -135,8 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker for one or more queues")
     worker.add_argument("--queues", default="cpu", help="cpu, cuda or npu (comma-separated)")
     worker.add_argument("--device", default=None, help="device index for cuda/npu workers")
-    worker.add_argument("--concurrency", type=int, default=None)
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="tasks at once (default: the CPU count on cpu, 1 on an accelerator)",
+    )
+    worker.add_argument("--loglevel", default="INFO", help="Celery's log level")
     worker.set_defaults(func=_worker)
 
     prefect_worker = sub.add_parser(
@@ -164,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.set_defaults(func=_serve)
 
     model = sub.add_parser("make-test-model", help="write a random-weight model folder")
-    model.add_argument("dir")
-    model.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
-    model.add_argument("--size", choices=["tiny", "small", "1b"], default="tiny")
+    model.add_argument("dir", help="the folder to write (config, tokenizer, weights)")
+    model.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="architecture")
+    model.add_argument("--size", choices=["tiny", "small", "1b"], default="tiny", help="size")
     model.set_defaults(func=_make_test_model)
+    _show_defaults(parser)
     return parser
 
 

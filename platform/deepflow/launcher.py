@@ -28,6 +28,7 @@ from alembic.script import ScriptDirectory
 
 from deepflow import quickstart
 from deepflow.api import create_app
+from deepflow.api_client import remove_up, write_up
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
 from deepflow.procutil import die_with_parent, freeze_heap
@@ -109,6 +110,11 @@ class Part:
         if self.proc is not None and self.alive:
             os.killpg(self.proc.pid, 9)
             self.proc.wait()
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting."""
+        if self.proc is not None and self.alive:
+            self.proc.terminate()
 
     def stop(self, grace_s: float = 15.0) -> None:
         if not self.alive:
@@ -210,7 +216,13 @@ class Stack:
         return self._start(f"{queues} worker {n}", argv)
 
     def stop(self) -> None:
-        for part in reversed(self.parts):
+        """The workers together (each may wait out its running work, up to its grace), then
+        the Prefect server they report to."""
+        servers = [p for p in self.parts if p.name == "prefect server"]
+        workers = [p for p in reversed(self.parts) if p not in servers]
+        for part in workers:
+            part.terminate()
+        for part in workers + servers:
             part.stop()
 
 
@@ -302,6 +314,7 @@ def up(
         stack.start_worker("cpu")
         return _serve_api(stack, key, model)
     finally:
+        remove_up(settings)
         stopped = stop_local_instances(get_database(stack.settings.database_url))
         stack.stop()
         print(f"DeepFlow stopped ({stopped} engine instance(s) stopped).", flush=True)
@@ -349,7 +362,17 @@ def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
     for name, ok in health.items():
         print(f"  {name:<16} {'healthy' if ok else 'NOT RUNNING'}")
     print(f"  try          curl -s -H 'Authorization: Bearer {key}' {url}/v1/jobs")
-    print("Ctrl-C stops everything.", flush=True)
+    print("               deepflow jobs · deepflow status · deepflow down")
+    print("Ctrl-C (or `deepflow down`) stops everything.", flush=True)
+    write_up(
+        settings,
+        {
+            "url": url,
+            "pid": os.getpid(),
+            "prefect_api_url": settings.prefect_api_url,
+            "parts": {p.name: p.proc.pid for p in stack.parts if p.proc is not None},
+        },
+    )
     if model:
         threading.Thread(target=_serve_model, args=(url, key), daemon=True).start()
     dead: set[str] = set()

@@ -4,6 +4,7 @@ any other model, with a ``curl`` and an ``openai`` line that work against it."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ def usage_lines(api_url: str, key: str) -> list[str]:
         f"curl -s {api_url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' -d '{body}'"
     )
-    client = (
-        f"python -c \"import openai; c = openai.OpenAI(base_url='{api_url}/v1', api_key='{key}'); "
+    client = (  # this interpreter: plain `python` may be another, without openai
+        f"{sys.executable} -c \"import openai; "
+        f"c = openai.OpenAI(base_url='{api_url}/v1', api_key='{key}'); "
         f"print(c.chat.completions.create(model='{MODEL}', max_tokens=16, "
         "messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\""
     )
