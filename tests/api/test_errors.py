@@ -129,3 +129,14 @@ def test_unknown_things(api: Api) -> None:
     _assert_error(r, 400, "invalid_value", "state")
     r = api.client.get("/v1/jobs", params={"limit": 0}, headers=api.headers())
     _assert_error(r, 400, "invalid_value", "limit")
+
+
+def test_a_route_not_served_names_what_is(api: Api) -> None:
+    """An OpenAI client asking for what the platform does not serve hears what it does."""
+    r = api.client.post("/v1/embeddings", json={"model": "m", "input": "x"}, headers=api.headers())
+    _assert_error(r, 404, "not_found")
+    message = r.json()["error"]["message"]
+    assert message.startswith("POST /v1/embeddings is not served here; this API serves ")
+    for served in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/jobs"):
+        assert served in message, message
+    assert "/v1/jobs/" not in message  # resources, not every path under them

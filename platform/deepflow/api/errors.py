@@ -9,6 +9,7 @@ conflict with the current state.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,11 +69,27 @@ def install(app: FastAPI) -> None:
         return error_response(409, str(exc), None, exc.code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), None, code)
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            # A route we do not serve (an OpenAI client asking for /v1/embeddings, say): say
+            # what is served instead of a bare "Not Found".
+            served = ", ".join(served_prefixes(app.openapi()["paths"]))
+            message = (
+                f"{request.method} {request.url.path} is not served here; this API serves "
+                f"{served} (see /docs)"
+            )
+        return error_response(exc.status_code, message, None, code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "the server hit an internal error", None, "internal_error")
+
+
+def served_prefixes(paths: Iterable[str]) -> list[str]:
+    """The /v1 resources among OpenAPI ``paths``: each path up to its first parameter, with
+    those under another left out (``/v1/jobs/{id}/tasks`` is under ``/v1/jobs``)."""
+    cut = {p.split("/{", 1)[0] for p in paths if p.startswith("/v1/")}
+    return sorted(p for p in cut if not any(p.startswith(f"{q}/") for q in cut))
