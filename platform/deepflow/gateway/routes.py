@@ -31,7 +31,7 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
 
 
-def _tenant(request: Request) -> Tenant:
+async def _tenant(request: Request) -> Tenant:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(
@@ -39,16 +39,17 @@ def _tenant(request: Request) -> Tenant:
             "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
             code="missing_api_key",
         )
-    tenant = request.app.state.gateway_keys.tenant(key.strip())
+    tenant = await request.app.state.gateway_keys.tenant(key.strip())
     if tenant is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return tenant  # type: ignore[no-any-return]
 
 
 @router.get("/models")
-def list_models(request: Request) -> dict[str, Any]:
-    tenant = _tenant(request)
+async def list_models(request: Request) -> dict[str, Any]:
+    tenant = await _tenant(request)
     table: RoutingTable = request.app.state.gateway_routes
+    await table.start()
     created = int(time.time())
     return {
         "object": "list",
@@ -89,7 +90,7 @@ def _prompt_text(payload: dict[str, Any]) -> str:
 
 
 async def _forward(request: Request, path: str) -> Response:
-    tenant = _tenant(request)
+    tenant = await _tenant(request)
     body = await request.body()
     payload = _payload(body)
     table: RoutingTable = request.app.state.gateway_routes

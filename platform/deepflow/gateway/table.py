@@ -3,11 +3,13 @@
 ``RoutingTable`` re-reads ready instances every ``REFRESH_S`` in a background thread and keeps
 each instance's ``Endpoint`` (its outstanding load and remembered prefixes) across reads.
 ``KeyCache`` remembers which tenant an API key belongs to for ``KEY_TTL_S``: a revoked key
-keeps working through the gateway for at most that long.
+keeps working through the gateway for at most that long. Its lookups run in a worker thread,
+so a slow database never stalls the event loop that relays every stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -29,7 +31,7 @@ from deepflow.store import (
 log = logging.getLogger(__name__)
 
 REFRESH_S = 0.5
-KEY_TTL_S = 10.0
+KEY_TTL_S = 1.0
 SERVING = (DeploymentState.CREATING, DeploymentState.READY, DeploymentState.DEGRADED)
 
 
@@ -60,6 +62,12 @@ class RoutingTable:
         """(model name, deployment id) of the tenant's serving deployments."""
         self._ensure_started()
         return sorted((m, r.deployment_id) for (t, m), r in self._routes.items() if t == tenant_id)
+
+    async def start(self) -> None:
+        """Read the table for the first time off the event loop (later reads are the
+        refresh thread's)."""
+        if not self._started:
+            await asyncio.to_thread(self._ensure_started)
 
     def _ensure_started(self) -> None:
         if self._started:
@@ -113,16 +121,20 @@ class KeyCache:
         self.ttl_s = ttl_s
         self._known: dict[str, tuple[Tenant | None, float]] = {}
 
-    def tenant(self, key: str) -> Tenant | None:
+    async def tenant(self, key: str) -> Tenant | None:
         now = time.monotonic()
         hit = self._known.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
+        tenant = await asyncio.to_thread(self._lookup, key)
+        if len(self._known) > 10_000:
+            self._known.clear()
+        self._known[key] = (tenant, now + self.ttl_s)
+        return tenant
+
+    def _lookup(self, key: str) -> Tenant | None:
         with self.db.transaction() as session:
             tenant = authenticate(session, key)
             if tenant is not None:
                 session.expunge(tenant)
-        if len(self._known) > 10_000:
-            self._known.clear()
-        self._known[key] = (tenant, now + self.ttl_s)
         return tenant

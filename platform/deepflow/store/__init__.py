@@ -60,7 +60,12 @@ from deepflow.store.tasks import (
     queue_task,
     succeed_task,
 )
-from deepflow.store.tenants import authenticate, create_api_key, ensure_tenant
+from deepflow.store.tenants import (
+    authenticate,
+    create_api_key,
+    ensure_tenant,
+    revoke_api_key,
+)
 from deepflow.store.transitions import (
     IllegalTransition,
     set_deployment_state,
@@ -123,6 +128,7 @@ __all__ = [
     "read_model",
     "register_model_version",
     "report_instance_load",
+    "revoke_api_key",
     "set_deployment_state",
     "set_instance_state",
     "set_job_state",

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from deepflow.store.orm import ApiKey, Tenant
-from deepflow.store.types import new_id
+from deepflow.store.types import new_id, utcnow
 
 KEY_PREFIX = "df-"
 
@@ -64,3 +64,15 @@ def authenticate(session: Session, key: str) -> Tenant | None:
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
     return session.execute(stmt).scalar_one_or_none()
+
+
+def revoke_api_key(session: Session, key: str) -> bool:
+    """Revoke ``key`` (the API answers 401 to it at once; the gateway within its key cache's
+    ``KEY_TTL_S``). False when no live key matches."""
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+    if row is None:
+        return False
+    row.revoked_at = utcnow()
+    return True
