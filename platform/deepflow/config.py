@@ -23,6 +23,13 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
+def _env_count(name: str, default: int) -> int:
+    raw = os.environ.get(name) or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a positive whole number, not {raw!r}")
+    return int(raw)
+
+
 def _env_port(name: str, default: int) -> int:
     raw = os.environ.get(name) or str(default)
     if not raw.isdigit() or not 0 < int(raw) < 65536:
@@ -59,6 +66,13 @@ class Settings:
     instance_host: str = "127.0.0.1"
     """The address engine daemons launched on this machine listen on and are reached at
     (DEEPFLOW_INSTANCE_HOST): loopback for one machine, the host's address for several."""
+    max_body_bytes: int = 8 * 2**20
+    """The largest request body the API takes (DEEPFLOW_MAX_BODY_BYTES); larger is a 413."""
+    max_job_tasks: int = 10_000
+    """The most tasks one job may have (DEEPFLOW_MAX_JOB_TASKS); more is a 400."""
+    max_spec_bytes: int = 2 * 2**20
+    """The largest job spec, as JSON (DEEPFLOW_MAX_SPEC_BYTES); larger is a 413: a job's spec
+    is stored and sent back with it."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -80,6 +94,9 @@ class Settings:
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
             operator_modules=os.environ.get("DEEPFLOW_OPERATORS", ""),
             instance_host=os.environ.get("DEEPFLOW_INSTANCE_HOST", "127.0.0.1"),
+            max_body_bytes=_env_count("DEEPFLOW_MAX_BODY_BYTES", 8 * 2**20),
+            max_job_tasks=_env_count("DEEPFLOW_MAX_JOB_TASKS", 10_000),
+            max_spec_bytes=_env_count("DEEPFLOW_MAX_SPEC_BYTES", 2 * 2**20),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -95,6 +112,9 @@ class Settings:
             "DEEPFLOW_RECONCILE_INTERVAL_S": str(self.reconcile_interval_s),
             "DEEPFLOW_OPERATORS": self.operator_modules,
             "DEEPFLOW_INSTANCE_HOST": self.instance_host,
+            "DEEPFLOW_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "DEEPFLOW_MAX_JOB_TASKS": str(self.max_job_tasks),
+            "DEEPFLOW_MAX_SPEC_BYTES": str(self.max_spec_bytes),
         }
         if self.prefect_api_url:
             env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url
