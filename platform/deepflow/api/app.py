@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import dashboard, deployments, docs, errors, jobs
+from deepflow.api import dashboard, deployments, docs, errors, jobs, limits
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.dispatcher = (
         Dispatcher(app.state.db, settings.prefect_api_url) if settings.prefect_api_url else None
     )
+    app.add_middleware(limits.BodyLimit, limit=settings.max_body_bytes)
     errors.install(app)
     docs.install(app)
     app.include_router(jobs.router)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from deepflow import dag, store
+from deepflow.api import limits
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.schemas import (
     EventList,
@@ -29,7 +30,10 @@ def create_job(
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
     idempotency key replays an earlier request. A kind users may not submit is a 400 on
     ``kind`` (``use_deployments``, ``kind_not_implemented``)."""
+    settings = request.app.state.settings
+    limits.check_spec_size(settings, body.spec)
     plan = dag.plan_user_job(body.kind, body.spec)
+    limits.check_task_count(settings, plan)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
     dispatcher = request.app.state.dispatcher
