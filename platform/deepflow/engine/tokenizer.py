@@ -61,6 +61,13 @@ class Tokenizer:
         self._env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template: jinja2.Template | None = None
 
+    def longest_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token stands for: the longest
+        vocabulary spelling (byte-level and SentencePiece spellings are never shorter than
+        the text they stand for). Text over ``max_model_len`` times this cannot fit."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
+
     @classmethod
     def from_folder(cls, path: str | Path) -> Tokenizer:
         folder = Path(path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,11 +47,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     body.check_supported()
     params = body.sampling_params(body.output_limit, body.engine_logprobs)
     messages = body.template_messages()
+    server.check_prompt_size("".join(str(m.get("content") or "") for m in messages), "messages")
     try:
-        text = server.tokenizer.apply_chat_template(messages)
+        text = await asyncio.to_thread(server.tokenizer.apply_chat_template, messages)
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
-    prompt = server.tokenizer.encode(text, add_special_tokens=False)
+    prompt = await server.encode(text, "messages", add_special_tokens=False)
     server.validate([prompt], params, "messages")
     admitted = server.generate([prompt], params)
     reply = _Reply(server, body, f"chatcmpl-{uuid.uuid4().hex}")

@@ -43,7 +43,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     server.check_model(body.model)
     body.check_supported()
     params = body.sampling_params(body.max_tokens, body.logprobs)
-    prompts = [server.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+    prompts = [
+        await server.encode(p, "prompt") if isinstance(p, str) else p for p in body.prompts()
+    ]
     server.validate(prompts, params, "prompt")
     admitted = server.generate(prompts, params)
     reply = _Reply(server, body, f"cmpl-{uuid.uuid4().hex}")

@@ -49,6 +49,9 @@ class EngineServer:
         self.max_waiting = max_waiting
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len: int = engine.engine.max_model_len
+        self.max_prompt_bytes = self.max_model_len * self.tokenizer.longest_token_bytes()
+        """Text longer than this (UTF-8) cannot fit the context whatever its tokens: refused
+        before it is tokenised, which for megabytes takes seconds."""
         self.metrics = DaemonMetrics(model_name, self.stats)
         self.created = int(time.time())
         self.draining = False
@@ -63,6 +66,25 @@ class EngineServer:
     @property
     def engine_error(self) -> BaseException | None:
         return self.engine.error
+
+    # ---- tokenising ---------------------------------------------------------------------------
+    def check_prompt_size(self, text: str, param: str) -> None:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise bad_request(
+                f"the prompt is {size} bytes: more than this model's context of "
+                f"{self.max_model_len} tokens can hold",
+                param,
+                "context_length_exceeded",
+            )
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, after the size check, in a worker thread: the event loop
+        keeps answering /health and streaming others while a long prompt is tokenised."""
+        self.check_prompt_size(text, param)
+        return await asyncio.to_thread(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+        )
 
     # ---- admission and validation -----------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -273,3 +295,4 @@ async def collect_or_abort(request: Request, stream: Admitted) -> dict[int, Requ
 
 def engine_dead(exc: EngineDeadError) -> OpenAIError:
     return OpenAIError(500, f"the engine failed: {exc}", code="engine_dead")
+
