@@ -35,6 +35,11 @@ the store knows (cancellation, an expired lease, a retry falling due)."""
 REDISPATCH_AFTER_S = 600.0
 """A task queued this long without a claim is sent again (its message may be lost)."""
 
+MAX_ACTIVE_TASKS = 32
+"""A job's tasks queued or running at once, at most (``store.drive_job``'s ``max_active``):
+enough to keep a machine's workers busy, few enough that a job submitted after a job of
+thousands of tasks waits behind 32 of them, not thousands."""
+
 
 @task(name="deepflow-task", persist_result=False)
 def run_attempt(task_id: str, attempt: int, queue: str) -> Any:
@@ -59,6 +64,7 @@ class JobDriver:
     runner: CeleryTaskRunner
     poll_s: float = POLL_S
     redispatch_after_s: float = REDISPATCH_AFTER_S
+    max_active_tasks: int | None = MAX_ACTIVE_TASKS
     _dag: Dag | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _sent: dict[str, _Sent] = field(default_factory=dict)
@@ -83,7 +89,7 @@ class JobDriver:
         with self.db.transaction() as session:
             if self._dag is None:
                 self._dag = job_dag(session, self.job_id)[0]
-            step = drive_job(session, self.job_id, self._dag)
+            step = drive_job(session, self.job_id, self._dag, max_active=self.max_active_tasks)
         return step.job, step.tasks, step.queued
 
     def _send(self, row: Task) -> None:

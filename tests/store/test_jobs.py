@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -22,7 +23,9 @@ from deepflow.store import (
     cancel_job,
     claim_task,
     create_job,
+    drive_job,
     ensure_tenant,
+    job_dag,
     list_jobs,
     queue_task,
     read_job,
@@ -223,3 +226,21 @@ def test_a_job_whose_tasks_never_ran_succeeds_without_a_start(db: Database, queu
         ("start", "SkipTask", "branch not taken"),
         *((name, "SkipTask", "trigger rule") for name in ("left", "right", "join")),
     ]
+
+
+def test_drive_job_keeps_at_most_max_active_tasks_queued_or_running(db: Database) -> None:
+    """Ten independent tasks, priorities 0-9, a cap of 3: the three highest go first, and
+    each pass tops the job up to three, never more."""
+    spec = {"tasks": [{"name": f"t{i}", "operator": "noop", "priority": i} for i in range(10)]}
+    job = _create(db, _tenant(db), spec)
+    with db.transaction() as s:
+        the_dag = job_dag(s, job.id)[0]
+        queued = drive_job(s, job.id, the_dag, max_active=3).queued
+        assert [t.name for t in queued] == ["t9", "t8", "t7"]
+        assert drive_job(s, job.id, the_dag, max_active=3).queued == []  # still 3 active
+        finished = queued[0]
+        assert claim_task(s, finished.id, "w", finished.attempt, 30.0) is not None
+        succeed_task(s, finished.id, "w", finished.attempt)
+        assert [t.name for t in drive_job(s, job.id, the_dag, max_active=3).queued] == ["t6"]
+        states = Counter(t.state for t in s.scalars(select(Task).where(Task.job_id == job.id)))
+        assert states[TaskState.QUEUED] == 3 and states[TaskState.PENDING] == 6

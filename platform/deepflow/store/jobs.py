@@ -264,16 +264,33 @@ class Pass:
     queued: list[Task]
 
 
-def drive_job(session: Session, job_id: str, dag: Dag, now: datetime | None = None) -> Pass:
-    """``advance_job`` and queue a new attempt of every ready task, in one transaction that
-    holds the job's lock (which guards all its tasks), reading each row once."""
+ACTIVE = (TaskState.QUEUED, TaskState.RUNNING)
+
+
+def drive_job(
+    session: Session,
+    job_id: str,
+    dag: Dag,
+    now: datetime | None = None,
+    max_active: int | None = None,
+) -> Pass:
+    """``advance_job`` and queue a new attempt of ready tasks, highest priority first, in one
+    transaction that holds the job's lock (which guards all its tasks), reading each row once.
+
+    ``max_active`` caps the job's tasks queued or running at once (Airflow's
+    ``max_active_tasks``): the broker's queues then hold at most that many of one job, so a
+    job of thousands of tasks does not stand in front of every job submitted after it. The
+    ready tasks left over stay pending and are queued on later passes."""
     job = lock(session, Job, job_id)
     tasks = _tasks(session, job_id)
     if job.state.is_terminal:
         return Pass(job, tasks, [])
     decision = _apply(session, job, dag, tasks, now or utcnow())
+    ready = decision.ready
+    if max_active is not None:
+        ready = ready[: max(max_active - sum(t.state in ACTIVE for t in tasks), 0)]
     by_name = {t.name: t for t in tasks}
-    return Pass(job, tasks, [queue_task(session, by_name[name]) for name in decision.ready])
+    return Pass(job, tasks, [queue_task(session, by_name[name]) for name in ready])
 
 
 def _tasks(session: Session, job_id: str) -> list[Task]:
