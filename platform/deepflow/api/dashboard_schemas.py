@@ -115,6 +115,12 @@ class TaskList(BaseModel):
     data: list[TaskDetail]
 
 
+class JobPage(BaseModel):
+    object: Literal["dashboard.job"] = "dashboard.job"
+    job: JobRow
+    tasks: list[TaskDetail]
+
+
 class TaskLogResponse(BaseModel):
     object: Literal["job.task.log"] = "job.task.log"
     task: str

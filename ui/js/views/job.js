@@ -1,12 +1,18 @@
 // One job: its DAG with live task states, a timeline of attempts, tasks with their logs
-// and outputs, loss curves, the audit trail, and cancel / retry.
+// and outputs, loss curves, the audit trail, and cancel / retry. A job may have 5,000 tasks:
+// the graph groups big levels (charts/dag_layout.js), the table pages and searches them, and
+// the timeline draws the tasks the table shows.
 
 import { api } from "../api.js";
-import { dagSvg } from "../charts/dag.js";
+import { dagShape, dagSvg } from "../charts/dag.js";
 import { ganttSvg } from "../charts/gantt.js";
 import { lineChart, num } from "../charts/line.js";
 import { badge, duration, elapsed, errorBox, h, json, mount, time, TERMINAL } from "../dom.js";
+import { taskTable } from "./task_table.js";
 
+/** A live job is read again no sooner than this many times its last read took (5,000 tasks
+ * cost the server about half a second a read; a small job is still read every 2 s). */
+const COST_RATIO = 5;
 const COLORS = ["#1f6feb", "#cf222e", "#1a7f37", "#d97706", "#8250df", "#0a7ea4"];
 
 function lossChart(tasks) {
@@ -26,13 +32,15 @@ export function mount_(main, ctx, { id, query }) {
   let logKey = null;
   let logAttempt = null;
   let finished = false;
+  let shape = null; // the graph's layout: a job's DAG never changes
+  let nextAt = 0;
 
   const head = h("div", { class: "page-head" });
   const banner = h("div");
   const graph = h("div", { class: "card graph-box", id: "graph" });
   const gantt = h("div", { class: "card", id: "timeline" });
   const loss = h("div", { id: "loss" });
-  const tbody = h("tbody", { id: "tasks-body" });
+  const table = taskTable({ onSelect: select, onChange: renderTimeline });
   const detail = h("div", { class: "card detail", id: "task-detail", hidden: true });
   const logTabs = h("div", { class: "tabs", id: "log-tabs" });
   const logPre = h("pre", { class: "log", id: "task-log" });
@@ -44,11 +52,7 @@ export function mount_(main, ctx, { id, query }) {
     h("h2", {}, "Timeline"), gantt,
     loss,
     h("div", { class: "split" },
-      h("div", {},
-        h("h2", {}, "Tasks"),
-        h("div", { class: "card flush" }, h("table", { class: "tasks" },
-          h("thead", {}, h("tr", {}, ["Task", "Operator", "State", "Attempt", "Duration", "Result"].map((c) => h("th", {}, c)))),
-          tbody))),
+      h("div", {}, h("h2", {}, "Tasks"), table.el),
       h("div", {}, h("h2", {}, "Task"), detail)),
     h("h2", {}, "Events"), h("div", { class: "card" }, eventList));
   mount(main, root);
@@ -58,6 +62,12 @@ export function mount_(main, ctx, { id, query }) {
     const params = new URLSearchParams({ task: name });
     history.replaceState(null, "", `#/jobs/${id}?${params}`);
     render();
+    table.reveal(name);
+  }
+
+  function showGroup(unit) {
+    table.only(`${unit.names.length} tasks: ${unit.names[0]} … ${unit.names.at(-1)}`, unit.names);
+    table.el.scrollIntoView({ block: "start" });
   }
 
   async function act(path, button) {
@@ -67,6 +77,7 @@ export function mount_(main, ctx, { id, query }) {
       if (out.id !== id) ctx.navigate(`#/jobs/${out.id}`);
       else {
         finished = false;
+        nextAt = 0;
         await view.refresh();
       }
     } catch (err) {
@@ -98,12 +109,15 @@ export function mount_(main, ctx, { id, query }) {
       job.error ? h("div", { class: "error-box", id: "job-error" }, job.error) : null);
   }
 
-  function renderTasks() {
-    mount(tbody, tasks.map((t) => h("tr", { class: `row-link${selected === t.name ? " selected" : ""}`, "data-task": t.name, onclick: () => select(t.name) },
-      h("td", {}, t.name), h("td", { class: "mono" }, t.operator), h("td", {}, badge(t.state)),
-      h("td", {}, `${t.attempt}/${t.max_attempts}`),
-      h("td", {}, duration(t.duration_s ?? (t.state === "running" ? elapsed(t.started_at) : null))),
-      h("td", { class: "clip" }, t.error ? h("span", { class: "err" }, t.error) : t.output !== null ? JSON.stringify(t.output) : "—"))));
+  function renderTimeline() {
+    const rows = table.shown();
+    if (rows.length === tasks.length) mount(gantt, ganttSvg(rows));
+    else if (!rows.some((t) => t.attempts.length)) {
+      mount(gantt, h("p", { class: "muted", id: "gantt-empty" }, "No task listed in the table below has started."));
+    } else {
+      mount(gantt, h("p", { class: "muted caption", id: "gantt-scope" },
+        `The ${rows.length} tasks listed in the table below, of ${tasks.length}.`), ganttSvg(rows));
+    }
   }
 
   async function loadLog(task) {
@@ -166,43 +180,46 @@ export function mount_(main, ctx, { id, query }) {
   }
 
   function renderEvents() {
+    const names = new Map(tasks.map((t) => [t.id, t.name]));
     mount(eventList, events.slice(-200).reverse().map((e) => h("li", { "data-rule": e.rule },
       h("time", {}, new Date(e.created_at).toLocaleTimeString()),
-      h("span", { class: "mono" }, e.entity_type === "task" ? (tasks.find((t) => t.id === e.entity_id) || {}).name || e.entity_id : e.entity_type),
+      h("span", { class: "mono" }, e.entity_type === "task" ? names.get(e.entity_id) || e.entity_id : e.entity_type),
       h("span", {}, `${e.from_state || "·"} → ${e.to_state}`),
       h("span", { class: "muted" }, e.rule, e.reason ? `: ${e.reason}` : ""))));
   }
 
   function render() {
     renderHead();
-    mount(graph, dagSvg(tasks, { onSelect: select, selected }));
-    mount(gantt, ganttSvg(tasks));
+    mount(graph, dagSvg(tasks, shape, { onSelect: select, onGroup: showGroup, selected }));
     const curves = lossChart(tasks);
     mount(loss, curves ? [h("h2", {}, "Loss"), h("div", { class: "charts two" }, curves)] : []);
-    renderTasks();
+    table.render(tasks, selected);
+    renderTimeline();
     renderDetail();
-    renderEvents();
   }
 
   const view = {
     async refresh() {
-      if (finished) return;
+      if (finished || Date.now() < nextAt) return;
+      const started = Date.now();
       try {
-        const after = events.length ? events.at(-1).id : undefined;
-        const j = await api(`v1/jobs/${id}`); // first: another tenant's job is one 404
-        const [t, e] = await Promise.all([
-          api(`v1/jobs/${id}/tasks`),
-          api(`v1/jobs/${id}/events`, { params: { after, limit: 1000 } }),
-        ]);
-        job = j;
-        tasks = t.data;
-        events = events.concat(e.data);
+        const page = await api(`ui/api/jobs/${id}`); // first: another tenant's job is one 404
+        const first = !shape;
+        job = page.job;
+        tasks = page.tasks;
         finished = TERMINAL.has(job.state);
+        shape = shape || dagShape(tasks);
         render();
+        if (first && selected) table.reveal(selected);
+        // After the tasks are drawn: the page is usable while the audit trail loads.
+        const after = events.length ? events.at(-1).id : undefined;
+        events = events.concat((await api(`v1/jobs/${id}/events`, { params: { after, limit: 1000 } })).data);
+        renderEvents();
       } catch (err) {
         mount(banner, errorBox(err.status === 404 ? `No job ${id} (for this tenant).` : err));
         if (err.status === 404) finished = true;
       }
+      nextAt = started + COST_RATIO * (Date.now() - started);
     },
   };
   return view;
