@@ -104,3 +104,22 @@ export function mount(el, ...children) {
 export function errorBox(err) {
   return h("div", { class: "error-box", role: "alert" }, err instanceof Error ? err.message : String(err));
 }
+
+const LONG_TEXT = 300;
+const expanded = new Set(); // keys of the long texts the reader opened: a refresh redraws them open
+
+/** An error message. A long one shows its start and expands to the whole text, wrapped (a
+ * traceback or a 2,000-character message must be readable, not cut at the box's edge); key
+ * names the block across refreshes. */
+export function errorText(text, { key = text, ...attrs } = {}) {
+  if (text.length <= LONG_TEXT) return h("div", { class: "error-box", ...attrs }, text);
+  const block = h("details", {
+    class: "error-box long", ...attrs, open: expanded.has(key),
+    ontoggle: () => (block.open ? expanded.add(key) : expanded.delete(key)),
+  },
+  h("summary", {}, h("span", { class: "preview" }, `${text.slice(0, LONG_TEXT)}…`),
+    h("span", { class: "more" }, ` show all ${text.length.toLocaleString()} characters`),
+    h("span", { class: "less" }, "show less")),
+  h("div", { class: "full" }, text));
+  return block;
+}

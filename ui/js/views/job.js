@@ -7,7 +7,7 @@ import { api } from "../api.js";
 import { dagShape, dagSvg } from "../charts/dag.js";
 import { ganttSvg } from "../charts/gantt.js";
 import { lineChart, num } from "../charts/line.js";
-import { badge, duration, elapsed, errorBox, h, json, mount, time, TERMINAL } from "../dom.js";
+import { badge, duration, elapsed, errorBox, errorText, h, json, mount, time, TERMINAL } from "../dom.js";
 import { taskTable } from "./task_table.js";
 
 /** A live job is read again no sooner than this many times its last read took (5,000 tasks
@@ -106,7 +106,7 @@ export function mount_(main, ctx, { id, query }) {
     ];
     mount(banner,
       h("dl", { class: "facts" }, facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
-      job.error ? h("div", { class: "error-box", id: "job-error" }, job.error) : null);
+      job.error ? errorText(job.error, { id: "job-error", key: `${id} error` }) : null);
   }
 
   function renderTimeline() {
@@ -162,18 +162,21 @@ export function mount_(main, ctx, { id, query }) {
     detail.dataset.task = task.name;
     const attempts = task.attempts.map((a) => h("tr", {},
       h("td", {}, a.attempt), h("td", {}, badge(a.state)), h("td", { class: "mono" }, a.worker || "—"),
-      h("td", {}, time(a.started_at)), h("td", {}, duration(a.duration_s ?? elapsed(a.started_at))),
-      h("td", { class: "clip", title: a.error || "" }, a.error || "")));
+      h("td", {}, time(a.started_at)), h("td", {}, duration(a.duration_s ?? elapsed(a.started_at)))));
+    // Each attempt's error in full below the table: a table cell would cut it or squeeze it.
+    const errors = task.attempts.filter((a) => a.error).map((a) => h("li", { "data-attempt": a.attempt },
+      h("span", { class: "muted" }, `attempt ${a.attempt}`), errorText(a.error, { key: `${id} ${task.name} ${a.attempt}` })));
     mount(detail,
       h("div", { class: "detail-head" }, h("h3", {}, task.name), badge(task.state)),
       h("dl", { class: "facts" },
         [["Operator", task.operator], ["Trigger rule", task.trigger_rule], ["Depends on", task.depends_on.join(", ") || "—"],
           ["Resource", task.resource_class], ["Timeout", duration(task.timeout_s)]].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
-      task.error ? h("div", { class: "error-box" }, task.error) : null,
+      task.error ? errorText(task.error, { id: "task-error", key: `${id} ${task.name} error` }) : null,
       h("h4", {}, "Attempts"),
       attempts.length ? h("div", { class: "scroll" }, h("table", { class: "attempts" }, h("thead", {}, h("tr", {},
-        ["#", "State", "Worker", "Started", "Duration", "Error"].map((c) => h("th", {}, c)))), h("tbody", {}, attempts)))
+        ["#", "State", "Worker", "Started", "Duration"].map((c) => h("th", {}, c)))), h("tbody", {}, attempts)))
         : h("p", { class: "muted" }, "Not started yet."),
+      errors.length ? h("ol", { class: "attempt-errors", id: "attempt-errors" }, errors) : null,
       h("h4", {}, "Log"), logTabs, logPre,
       h("h4", {}, "Output"), h("pre", { class: "output", id: "task-output" }, task.output === null ? "—" : json(task.output)));
     loadLog(task);

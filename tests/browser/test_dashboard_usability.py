@@ -1,0 +1,59 @@
+"""The dashboard's rough edges, in headless Chromium over ``bare_api``: a 2,000-character
+error can be read whole."""
+
+from __future__ import annotations
+
+from playwright.sync_api import Locator, expect
+
+from deepflow import dag, store
+from deepflow.store import claim_task, fail_task, queue_task
+from tests.browser.conftest import BareApi, Tab
+from tests.browser.test_dashboard import log_in
+
+
+def _failed_job(api: BareApi, key: str, tasks: list[dict[str, object]], error: str) -> str:
+    """A job whose tasks each ran once and failed with error, advanced by the store."""
+    with api.db.transaction() as s:
+        tenant = store.authenticate(s, key)
+        assert tenant is not None
+        job, _ = store.create_job(s, tenant.id, dag.plan("dag", {"tasks": tasks}), "dag")
+        for task in job.tasks:
+            queued = queue_task(s, task.id)
+            claim_task(s, task.id, "error-test", queued.attempt, 60.0)
+            fail_task(s, task.id, "error-test", queued.attempt, error)
+        store.advance_job(s, job.id)
+        return job.id
+
+
+def expand_and_read(box: Locator, text: str) -> None:
+    """Collapsed, box shows text's start; expanded, all of it, wrapped to the box's width."""
+    full = box.locator(".full")
+    expect(full).to_be_hidden()
+    expect(box.locator("summary")).to_contain_text(f"show all {len(text):,} characters")
+    box.locator("summary").click()
+    expect(full).to_be_visible()
+    expect(full).to_have_text(text)
+    assert full.evaluate("e => e.scrollWidth <= e.clientWidth"), "a line runs past the box"
+
+
+def test_a_long_error_reads_whole(bare_api: BareApi, tab: Tab) -> None:
+    key = bare_api.key("errors")
+    error = " ".join(f"frame{i:03}:/srv/data/shard/{i}/part-{i:05}.parquet" for i in range(40))
+    error = (error + "x" * 2000)[:2000]  # words, then a run of 600 characters with no space
+    live = _failed_job(bare_api, key, [{"name": "load", "operator": "fail", "retries": 3}], error)
+    names = [f"partition-{i:03}-of-the-nightly-export" for i in range(56)]
+    failed = _failed_job(bare_api, key, [{"name": n, "operator": "fail"} for n in names], "boom")
+    page = tab.page
+
+    log_in(page, bare_api.url, key, f"#/jobs/{live}?task=load")
+    expect(page.locator("#job-state [data-state]")).to_have_attribute("data-state", "running")
+    expand_and_read(page.locator("#task-error"), error)
+    expand_and_read(page.locator('#attempt-errors li[data-attempt="1"] .error-box'), error)
+    page.wait_for_timeout(2500)  # a live refresh redraws the detail; it stays expanded
+    expect(page.locator("#task-error .full")).to_be_visible()
+
+    page.goto(f"{bare_api.url}/#/jobs/{failed}")
+    job_error = "failed tasks: " + ", ".join(names)
+    assert len(job_error) >= 2000
+    expect(page.locator("#job-state [data-state]")).to_have_attribute("data-state", "failed")
+    expand_and_read(page.locator("#job-error"), job_error)
