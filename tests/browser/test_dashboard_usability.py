@@ -1,7 +1,9 @@
-"""The dashboard's rough edges, in headless Chromium over ``bare_api``: a 2,000-character
-error can be read whole."""
+"""The dashboard's rough edges, in headless Chromium over ``bare_api``: Back closes the
+New-job dialog, and a 2,000-character error can be read whole."""
 
 from __future__ import annotations
+
+import json
 
 from playwright.sync_api import Locator, expect
 
@@ -9,6 +11,39 @@ from deepflow import dag, store
 from deepflow.store import claim_task, fail_task, queue_task
 from tests.browser.conftest import BareApi, Tab
 from tests.browser.test_dashboard import log_in
+
+
+def test_back_closes_the_new_job_dialog(bare_api: BareApi, tab: Tab) -> None:
+    page = tab.page
+    log_in(page, bare_api.url, bare_api.key("dialogs"), "#/deployments")
+    page.click('a[data-nav="jobs"]')
+    expect(page.locator("h1", has_text="Jobs")).to_be_visible()
+    dialog = page.locator("#new-job-dialog")
+
+    page.click("#new-job")
+    expect(dialog).to_be_visible()
+    page.go_back()
+    expect(dialog).to_have_count(0)
+    assert page.url.endswith("#/jobs")
+    expect(page.locator("h1", has_text="Jobs")).to_be_visible()
+
+    page.click("#new-job")  # closed by Cancel, it leaves no entry for Back to spend
+    page.click("#new-job-dialog button.ghost")
+    expect(dialog).to_have_count(0)
+    page.go_back()
+    expect(page.locator("h1", has_text="Deployments")).to_be_visible()
+    page.go_forward()
+    expect(page.locator("h1", has_text="Jobs")).to_be_visible()
+
+    page.click("#new-job")  # submitted, Back from the new job is the list
+    page.fill("#new-job-spec", json.dumps({"tasks": [{"name": "only", "operator": "noop"}]}))
+    page.click("#new-job-submit")
+    expect(page.locator("#job-id")).to_contain_text("job_")
+    expect(dialog).to_have_count(0)
+    page.go_back()
+    expect(page.locator("h1", has_text="Jobs")).to_be_visible()
+    assert page.url.endswith("#/jobs")
+    expect(dialog).to_have_count(0)
 
 
 def _failed_job(api: BareApi, key: str, tasks: list[dict[str, object]], error: str) -> str:

@@ -1,4 +1,5 @@
-// "New job": a kind and its spec as JSON, posted to /v1/jobs.
+// "New job": a kind and its spec as JSON, posted to /v1/jobs. The open dialog is a history
+// entry of its own, so the browser's Back closes it rather than leaving the page under it.
 
 import { api } from "../api.js";
 import { h } from "../dom.js";
@@ -36,7 +37,13 @@ export function newJobDialog(ctx) {
       h("div", { class: "actions" },
         h("button", { type: "button", class: "ghost", onclick: () => dialog.close() }, "Cancel"),
         submit)));
-  dialog.addEventListener("close", () => dialog.remove());
+  const mine = () => history.state && history.state.dialog === "new-job";
+  const onBack = () => dialog.open && dialog.close();
+  dialog.addEventListener("close", () => {
+    window.removeEventListener("popstate", onBack);
+    dialog.remove();
+    if (mine()) history.back(); // closed by Cancel or Esc: drop its entry, or Back would do nothing once
+  });
   dialog.querySelector("form").addEventListener("submit", async (event) => {
     event.preventDefault();
     message.textContent = "";
@@ -50,8 +57,14 @@ export function newJobDialog(ctx) {
     submit.disabled = true;
     try {
       const job = await api("v1/jobs", { method: "POST", body });
-      dialog.close();
-      ctx.navigate(`#/jobs/${job.id}`);
+      if (mine()) { // the dialog's entry becomes the new job's page: Back from it is the list
+        history.replaceState(null, "", `#/jobs/${job.id}`);
+        dialog.close();
+        ctx.route();
+      } else {
+        dialog.close();
+        ctx.navigate(`#/jobs/${job.id}`);
+      }
     } catch (err) {
       message.textContent = err.message;
       submit.disabled = false;
@@ -59,4 +72,6 @@ export function newJobDialog(ctx) {
   });
   document.body.append(dialog);
   dialog.showModal();
+  history.pushState({ dialog: "new-job" }, "");
+  window.addEventListener("popstate", onBack);
 }
