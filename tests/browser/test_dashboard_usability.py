@@ -1,5 +1,6 @@
 """The dashboard's rough edges, in headless Chromium over ``bare_api``: Back closes the
-New-job dialog, and a 2,000-character error can be read whole."""
+New-job dialog, a deployment's ended replicas sit in a collapsed history instead of the live
+table, and a 2,000-character error can be read whole."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import json
 from playwright.sync_api import Locator, expect
 
 from deepflow import dag, store
-from deepflow.store import claim_task, fail_task, queue_task
+from deepflow.dag.spec import ResourceClass
+from deepflow.store import (
+    InstanceState,
+    claim_task,
+    create_instance,
+    fail_task,
+    queue_task,
+    set_instance_state,
+)
 from tests.browser.conftest import BareApi, Tab
 from tests.browser.test_dashboard import log_in
 
@@ -44,6 +53,51 @@ def test_back_closes_the_new_job_dialog(bare_api: BareApi, tab: Tab) -> None:
     expect(page.locator("h1", has_text="Jobs")).to_be_visible()
     assert page.url.endswith("#/jobs")
     expect(dialog).to_have_count(0)
+
+
+def test_ended_replicas_leave_the_live_table(bare_api: BareApi, tab: Tab) -> None:
+    key = bare_api.key("replicas")
+    with bare_api.db.transaction() as s:
+        tenant = store.authenticate(s, key)
+        assert tenant is not None
+        dep = store.create_deployment(
+            s,
+            tenant.id,
+            name="tiny-llama",
+            model_path="/models/tiny-llama",
+            replicas=2,
+            resource_class=ResourceClass.CPU,
+            policy="least_outstanding_tokens",
+        )
+        common = {"model_name": "tiny-llama", "device": "cpu", "deployment_id": dep.id}
+        died, stopped, *ready = (
+            create_instance(s, tenant.id, start_path="cold", **common) for _ in range(4)
+        )
+        s.flush()
+        set_instance_state(s, died.id, InstanceState.FAILED, reason="health: refused")
+        set_instance_state(s, stopped.id, InstanceState.READY)
+        set_instance_state(s, stopped.id, InstanceState.STOPPED, reason="scaled in")
+        for instance in ready:  # no address: the supervisor leaves them be (nothing to probe)
+            set_instance_state(s, instance.id, InstanceState.READY)
+    page = tab.page
+    log_in(page, bare_api.url, key, "#/deployments")
+    card = page.locator(f'article.deployment[data-deployment="{dep.id}"]')
+    live = card.locator("table.instances:not(.ended) tr[data-instance]")
+    expect(live).to_have_count(2)
+    assert live.evaluate_all("rs => rs.map(r => r.dataset.state)") == ["ready", "ready"]
+    history = card.locator("details.history")
+    expect(history.locator("summary")).to_have_text("History: 2 ended replicas")
+    ended = history.locator("tr[data-instance]")
+    expect(ended.first).to_be_hidden()
+
+    history.locator("summary").click()
+    expect(ended).to_have_count(2)
+    expect(ended.first).to_be_visible()
+    assert sorted(ended.evaluate_all("rs => rs.map(r => r.dataset.state)")) == ["failed", "stopped"]
+    expect(card.locator(f'tr[data-instance="{died.id}"]')).to_contain_text("health: refused")
+    expect(card.locator(f'tr[data-instance="{stopped.id}"]')).to_contain_text("scaled in")
+    page.wait_for_timeout(2500)  # a refresh redraws the card; the history stays open
+    expect(ended.first).to_be_visible()
 
 
 def _failed_job(api: BareApi, key: str, tasks: list[dict[str, object]], error: str) -> str:

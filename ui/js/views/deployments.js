@@ -1,11 +1,13 @@
 // Deployments: per model, its replicas (role, device, start path, load, KV-cache use,
 // health), small latency and throughput charts, and its scaling events on a timeline.
+// Replicas that ended (failed, stopped) leave the live table for a collapsed history.
 
 import { api } from "../api.js";
 import { lineChart, ms, num } from "../charts/line.js";
 import { badge, errorBox, h, mount as put, s, shortId, since, stateOf } from "../dom.js";
 
 const STALE_S = 30;
+const ENDED = new Set(["failed", "stopped"]);
 
 function health(inst, now) {
   if (inst.state !== "ready") return badge(inst.state);
@@ -23,8 +25,10 @@ function kvBar(value) {
     h("span", { class: "track" }, h("span", { style: `width:${p}%;background:${color}` })), `${p}%`);
 }
 
-function instancesTable(instances, now) {
-  if (!instances.length) return h("p", { class: "muted" }, "No replica has registered yet.");
+function instancesTable(instances, now, anyEnded) {
+  if (!instances.length) {
+    return h("p", { class: "muted" }, anyEnded ? "No replica is running." : "No replica has registered yet.");
+  }
   return h("table", { class: "instances" },
     h("thead", {}, h("tr", {}, ["Instance", "Address", "Process", "Role", "Device", "Start path", "Health", "Running", "Waiting", "KV cache", "Heartbeat"]
       .map((c) => h("th", {}, c)))),
@@ -34,6 +38,33 @@ function instancesTable(instances, now) {
       h("td", {}, i.role), h("td", {}, i.device), h("td", {}, i.start_path || "—"), h("td", {}, health(i, now)),
       h("td", { class: "num" }, i.running), h("td", { class: "num" }, i.waiting), h("td", {}, kvBar(i.kv_cache_usage)),
       h("td", {}, since(i.heartbeat_at, now))))));
+}
+
+/** Ended replicas, newest first, each with what ended it (its last event), in a <details>
+ * that stays as the reader left it across refreshes (open: ids in openHistory). */
+function historySection(dep, ended, events, openHistory) {
+  if (!ended.length) return null;
+  const last = new Map();
+  for (const e of events) if (e.entity_type === "instance") last.set(e.entity_id, e);
+  const rows = [...ended].reverse().map((i) => {
+    const end = last.get(i.id);
+    return h("tr", { "data-instance": i.id, "data-state": i.state },
+      h("td", { class: "mono", title: i.id }, shortId(i.id)), h("td", {}, badge(i.state)),
+      h("td", { class: "mono" }, i.address || "—"), h("td", { class: "mono" }, i.pid ? `${i.host || "?"}:${i.pid}` : "—"),
+      h("td", {}, i.device), h("td", {}, i.start_path || "—"), h("td", {}, since(i.created_at)),
+      h("td", { title: end ? new Date(end.created_at).toLocaleString() : "" }, end ? since(end.created_at) : "—"),
+      h("td", { class: "wrap" }, end && end.reason ? end.reason : "—"));
+  });
+  const box = h("details", {
+    class: "history", "data-history": dep.id, open: openHistory.has(dep.id),
+    ontoggle: () => (box.open ? openHistory.add(dep.id) : openHistory.delete(dep.id)),
+  },
+  h("summary", {}, `History: ${ended.length} ended replica${ended.length === 1 ? "" : "s"}`),
+  h("div", { class: "scroll" }, h("table", { class: "instances ended" },
+    h("thead", {}, h("tr", {}, ["Instance", "State", "Address", "Process", "Device", "Start path", "Started", "Ended", "Why"]
+      .map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows))));
+  return box;
 }
 
 /** The deployment's scaling history (its, its instances' and its deploy jobs' events). */
@@ -76,6 +107,7 @@ export function mount(main, ctx) {
   const body = h("div", { id: "deployments" });
   put(main, h("section", { class: "page" }, h("div", { class: "page-head" }, h("h1", {}, "Deployments")), body));
   const eventsSeen = new Map();
+  const openHistory = new Set();
 
   async function card(dep, now) {
     const id = encodeURIComponent(dep.id);
@@ -85,6 +117,7 @@ export function mount(main, ctx) {
     ]);
     eventsSeen.set(dep.id, events);
     const ready = dep.instances.filter((i) => i.state === "ready").length;
+    const ended = dep.instances.filter((i) => ENDED.has(i.state));
     return h("article", { class: "card deployment", "data-deployment": dep.id },
       h("div", { class: "detail-head" },
         h("h2", {}, dep.model), badge(dep.state),
@@ -92,7 +125,8 @@ export function mount(main, ctx) {
         h("div", { class: "spacer" }),
         dep.job_id ? h("a", { href: `#/jobs/${dep.job_id}` }, "deploy job ›") : null,
         h("a", { href: `#/metrics?deployment=${encodeURIComponent(dep.id)}` }, "metrics ›")),
-      instancesTable(dep.instances, now),
+      instancesTable(dep.instances.filter((i) => !ENDED.has(i.state)), now, ended.length > 0),
+      historySection(dep, ended, events, openHistory),
       h("div", { class: "charts three" }, deploymentCharts(metrics.data, `${dep.id}-`)),
       h("h3", {}, "Scaling events"),
       eventsTimeline(events));
