@@ -20,7 +20,7 @@ from deepflow.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.sequence import SequenceGroup
 
-_Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+_Stream = tuple[asyncio.AbstractEventLoop, "_Collector"]
 
 
 class EngineDeadError(RuntimeError):
@@ -52,7 +52,7 @@ class AsyncLLMEngine:
         request_id = uuid.uuid4().hex if request_id is None else request_id
         self._check_alive()
         group = self.engine.make_request(request_id, prompt, params, priority)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = _Collector()
         with self._cond:
             if request_id in self._streams:
                 raise ValueError(f"request {request_id!r} already exists")
@@ -161,7 +161,7 @@ class AsyncLLMEngine:
             return
         loop, queue = stream
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put, item)
         except RuntimeError:  # the caller's loop is closed: nobody listens any more
             self.engine.abort(request_id)
 
@@ -172,3 +172,43 @@ class AsyncLLMEngine:
             error = EngineDeadError(message)
             error.__cause__ = self.error
             self._deliver(request_id, error)
+
+
+class _Collector:
+    """One request's undelivered output: a new step's output merges into the one its reader
+    has not taken yet (the text and tokens each adds are joined), so a reader that falls
+    behind the engine (a busy event loop, a slow client) takes one output covering every
+    step since its last read, instead of a backlog of one per step that it must work
+    through before it can notice its client has gone. Errors are not merged: they end the
+    stream, so one replaces whatever was pending."""
+
+    __slots__ = ("_pending", "_ready")
+
+    def __init__(self) -> None:
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        pending = self._pending
+        if isinstance(pending, RequestOutput) and isinstance(item, RequestOutput):
+            item = _merged(pending, item)
+        self._pending = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._pending = self._pending, None
+        assert item is not None
+        return item
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` (whose text, tokens and logprobs are cumulative) with the deltas of both."""
+    before = {o.index: o for o in earlier.outputs}
+    for out in later.outputs:
+        prev = before.get(out.index)
+        if prev is not None:
+            out.delta_text = prev.delta_text + out.delta_text
+            out.delta_token_ids = [*prev.delta_token_ids, *out.delta_token_ids]
+    return later
