@@ -30,8 +30,11 @@ def _env_count(name: str, default: int) -> int:
     return int(raw)
 
 
-def _env_port(name: str, default: int) -> int:
-    raw = os.environ.get(name) or str(default)
+def _env_port(name: str) -> int | None:
+    """The port set in ``name``; None where it is unset."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ValueError(f"{name} must be a port number, not {raw!r}")
     return int(raw)
@@ -54,8 +57,9 @@ class Settings:
     api_port: int = 8000
     prefect_api_url: str | None = None
     """An existing Prefect server's API (DEEPFLOW_PREFECT_API_URL); ``up`` starts one if unset."""
-    prefect_port: int = 4200
-    """Where ``up`` starts its Prefect server (DEEPFLOW_PREFECT_PORT)."""
+    prefect_port: int | None = None
+    """Where ``up`` starts its Prefect server (DEEPFLOW_PREFECT_PORT); ``up`` stops if it is
+    taken. None: Prefect's 4200, or the first free port after it (``claims``)."""
     lease_ttl_s: float = 30.0
     """A running task's lease lasts this long past its last heartbeat."""
     reconcile_interval_s: float = 5.0
@@ -81,14 +85,14 @@ class Settings:
             os.environ.get("DEEPFLOW_DATABASE_URL") or f"sqlite:///{home / 'deepflow.db'}"
         )
         broker_url = os.environ.get("DEEPFLOW_BROKER_URL") or "filesystem://"
-        port = _env_port("DEEPFLOW_API_PORT", 8000)
+        port = _env_port("DEEPFLOW_API_PORT") or 8000
         return cls(
             home=home,
             database_url=normalize_database_url(database_url),
             broker_url=broker_url,
             api_host=os.environ.get("DEEPFLOW_API_HOST", "127.0.0.1"),
             api_port=port,
-            prefect_port=_env_port("DEEPFLOW_PREFECT_PORT", 4200),
+            prefect_port=_env_port("DEEPFLOW_PREFECT_PORT"),
             prefect_api_url=os.environ.get("DEEPFLOW_PREFECT_API_URL") or None,
             lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
@@ -107,7 +111,6 @@ class Settings:
             "DEEPFLOW_BROKER_URL": self.broker_url,
             "DEEPFLOW_API_HOST": self.api_host,
             "DEEPFLOW_API_PORT": str(self.api_port),
-            "DEEPFLOW_PREFECT_PORT": str(self.prefect_port),
             "DEEPFLOW_LEASE_TTL_S": str(self.lease_ttl_s),
             "DEEPFLOW_RECONCILE_INTERVAL_S": str(self.reconcile_interval_s),
             "DEEPFLOW_OPERATORS": self.operator_modules,
@@ -118,6 +121,8 @@ class Settings:
         }
         if self.prefect_api_url:
             env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url
+        if self.prefect_port is not None:
+            env["DEEPFLOW_PREFECT_PORT"] = str(self.prefect_port)
         return env
 
     @property

@@ -6,6 +6,7 @@ workers on the configured broker (kombu's filesystem transport by default). ``up
 API with the lease reconciler and job dispatcher in its own process, prints the URLs, an
 API key and each part's health, and stops everything on Ctrl-C. Each child's output goes to
 ``DEEPFLOW_HOME/logs/<part>.log``. Integration tests and benchmarks use the same ``Stack``.
+What ``up`` takes (its home, its ports) is checked as its own (``claims``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,17 @@ from alembic.script import ScriptDirectory
 from deepflow import quickstart
 from deepflow.api import create_app
 from deepflow.api_client import remove_up, write_up
+from deepflow.claims import (
+    API_PORT_SETTING,
+    DEFAULT_PREFECT_PORT,
+    PREFECT_PORT_SETTING,
+    PortTaken,
+    claim_home,
+    claim_port,
+    claim_prefect_port,
+    listens_in_session,
+    port_in_use,
+)
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
 from deepflow.procutil import die_with_parent, freeze_heap
@@ -44,6 +57,7 @@ from deepflow.store import (
 
 DEFAULT_TENANT = "default"
 PREFECT_START_TIMEOUT_S = 120.0
+PREFECT_HOST = "127.0.0.1"
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -131,13 +145,16 @@ def _stop_with_parent() -> None:
     die_with_parent(signal.SIGTERM)
 
 
-def wait_healthy(url: str, part: Part | None, timeout_s: float) -> None:
+def wait_healthy(
+    url: str, part: Part | None, timeout_s: float, ours: Callable[[], bool] | None = None
+) -> None:
+    """Wait for ``url`` to answer 200 (and, with ``ours``, for the answer to be our part's)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if part is not None and not part.alive:
             raise RuntimeError(f"{part.name} exited while starting; see {part.log}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200 and (ours is None or ours()):
                 return
         except httpx.HTTPError:
             pass
@@ -178,12 +195,15 @@ class Stack:
         self.parts.append(part)
         return part
 
-    def start_prefect_server(self) -> str:
-        """Start a Prefect server on ``prefect_port``; returns its API URL (also adopted by
-        this stack's settings, so later parts talk to it)."""
+    def start_prefect_server(self, held: socket.socket | None = None) -> str:
+        """Start a Prefect server on the port ``held`` (else on one ``claim_prefect_port``
+        takes now); returns its API URL (also adopted by this stack's settings, so later
+        parts talk to it). It is healthy once its /health answers from our part's socket."""
+        held = held or claim_prefect_port(PREFECT_HOST, self.settings.prefect_port)
+        port = int(held.getsockname()[1])
         home = self.settings.home / "prefect"
         home.mkdir(parents=True, exist_ok=True)
-        url = f"http://127.0.0.1:{self.settings.prefect_port}/api"
+        url = f"http://{PREFECT_HOST}:{port}/api"
         env = {
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             **self.env(),  # extra_env may name another database (postgresql+asyncpg://...)
@@ -191,14 +211,30 @@ class Stack:
             "PREFECT_API_URL": url,
         }
         prefect = str(Path(sys.executable).with_name("prefect"))
-        port = str(self.settings.prefect_port)
-        part = self._start(
-            "prefect server",
-            [prefect, "server", "start", "--host", "127.0.0.1", "--port", port],
-            env,
-        )
-        wait_healthy(f"{url}/health", part, PREFECT_START_TIMEOUT_S)
-        self.settings = dataclasses.replace(self.settings, prefect_api_url=url)
+        argv = [prefect, "server", "start", "--host", PREFECT_HOST, "--port", str(port)]
+        # Prefect takes a port, not a socket: from this close until it listens (its imports,
+        # seconds) another process may take the port. Then our part exits on its bind and the
+        # other may answer /health, so an answer counts only from a socket our part holds.
+        # Without /proc (not Linux) that check cannot tell and the answer counts as ours.
+        held.close()
+        part = self._start("prefect server", argv, env)
+        assert part.proc is not None
+        session = part.proc.pid  # the part leads its own session (start_new_session)
+        try:
+            wait_healthy(
+                f"{url}/health",
+                part,
+                PREFECT_START_TIMEOUT_S,
+                ours=lambda: listens_in_session(session, port) is not False,
+            )
+        except RuntimeError:
+            if part.alive or not port_in_use(PREFECT_HOST, port):
+                raise
+            raise PortTaken(
+                f"port {port} (for the Prefect server) was taken by another process while it "
+                f"started: start again, or choose a free one with {PREFECT_PORT_SETTING}"
+            ) from None
+        self.settings = dataclasses.replace(self.settings, prefect_api_url=url, prefect_port=port)
         return url
 
     def start_prefect_worker(self, timeout_s: float = 120.0) -> Part:
@@ -243,12 +279,19 @@ class ApiServer:
     or ``start()`` in a thread of this process (tests and benchmarks)."""
 
     def __init__(
-        self, settings: Settings, db: Database | None = None, port: int | None = None
+        self,
+        settings: Settings,
+        db: Database | None = None,
+        port: int | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        # It serves a socket bound here (or ``sock``, bound by the caller): the port is free
+        # before and ours after, with no moment between for another process to take it.
+        self.sock = sock or claim_port(settings.api_host, port or 0, API_PORT_SETTING, "the API's")
         self.db = db or get_database(settings.database_url)
         app = create_app(settings, self.db)
         self.reconciler = platform_reconciler(settings, self.db, app.state.dispatcher)
-        self.port = port if port is not None else free_port()
+        self.port = int(self.sock.getsockname()[1])
         self.url = f"http://{settings.api_host}:{self.port}"
         config = uvicorn.Config(app, host=settings.api_host, port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -259,7 +302,7 @@ class ApiServer:
         freeze_heap()  # this process is the API now: its imports are done
         self.reconciler.start()
         try:
-            self.server.run()
+            self.server.run(sockets=[self.sock])
         except KeyboardInterrupt:
             pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the expected outcome
         finally:
@@ -295,6 +338,26 @@ def up(
     settings = dataclasses.replace(
         settings, api_host=host or settings.api_host, api_port=port or settings.api_port
     )
+    lock = claim_home(settings.home)  # first of all: a second `up` of this home touches nothing
+    try:
+        return _up(settings, model)
+    finally:
+        os.close(lock)
+
+
+def _up(settings: Settings, model: bool) -> int:
+    # Both ports before anything starts or is written, so a taken one stops `up` at once.
+    api_sock = claim_port(settings.api_host, settings.api_port, API_PORT_SETTING, "the API's")
+    prefect_sock = None
+    if not settings.prefect_api_url:
+        prefect_sock = claim_prefect_port(PREFECT_HOST, settings.prefect_port)
+        chosen = prefect_sock.getsockname()[1]
+        if settings.prefect_port is None and chosen != DEFAULT_PREFECT_PORT:
+            print(
+                f"port {DEFAULT_PREFECT_PORT} is in use (another Prefect server?): using port "
+                f"{chosen} for ours (DEEPFLOW_PREFECT_PORT sets one)",
+                flush=True,
+            )
     schema.upgrade(settings.database_url)
     key = ensure_local_key(settings)
     # SIGTERM stops everything as Ctrl-C does (uvicorn re-raises the signal it handled once
@@ -309,10 +372,10 @@ def up(
             wait_healthy(f"{settings.prefect_api_url}/health", None, 10)
         else:
             print(f"starting a Prefect server (log in {stack.logs}) ...", flush=True)
-            stack.start_prefect_server()
+            stack.start_prefect_server(prefect_sock)
         stack.start_prefect_worker()
         stack.start_worker("cpu")
-        return _serve_api(stack, key, model)
+        return _serve_api(stack, api_sock, key, model)
     finally:
         remove_up(settings)
         stopped = stop_local_instances(get_database(stack.settings.database_url))
@@ -324,9 +387,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve_api(stack: Stack, key: str, model: bool) -> int:
+def _serve_api(stack: Stack, sock: socket.socket, key: str, model: bool) -> int:
     os.environ.update(stack.env())  # the API's own Prefect client reads PREFECT_API_URL
-    api = ApiServer(stack.settings, port=stack.settings.api_port)
+    api = ApiServer(stack.settings, sock=sock)
     threading.Thread(target=_report, args=(stack, api, key, model), daemon=True).start()
     api.run()
     return 0
@@ -353,6 +416,16 @@ def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
         return
     settings = stack.settings
     url = f"http://{settings.api_host}:{settings.api_port}"
+    # before the banner, which tells people to run `deepflow status` (it reads this file)
+    write_up(
+        settings,
+        {
+            "url": url,
+            "pid": os.getpid(),
+            "prefect_api_url": settings.prefect_api_url,
+            "parts": {p.name: p.proc.pid for p in stack.parts if p.proc is not None},
+        },
+    )
     print(f"DeepFlow is up (data in {settings.home})")
     print(f"  API          {url}   (OpenAPI: {url}/openapi.json, docs: {url}/docs)")
     print(f"  Prefect UI   {(settings.prefect_api_url or '').removesuffix('/api')}")
@@ -364,15 +437,6 @@ def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
     print(f"  try          curl -s -H 'Authorization: Bearer {key}' {url}/v1/jobs")
     print("               deepflow jobs · deepflow status · deepflow down")
     print("Ctrl-C (or `deepflow down`) stops everything.", flush=True)
-    write_up(
-        settings,
-        {
-            "url": url,
-            "pid": os.getpid(),
-            "prefect_api_url": settings.prefect_api_url,
-            "parts": {p.name: p.proc.pid for p in stack.parts if p.proc is not None},
-        },
-    )
     if model:
         threading.Thread(target=_serve_model, args=(url, key), daemon=True).start()
     dead: set[str] = set()
