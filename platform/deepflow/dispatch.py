@@ -1,12 +1,12 @@
 """Hands accepted jobs to Prefect: one flow run of the job kind's deployment per job.
 
-The API dispatches each job right after committing it, waiting on Prefect for at most
-``REQUEST_DISPATCH_S`` (one try, no retries): a slow or unreachable Prefect must not hold up
-the request that was accepted. A job not handed over then stays ``pending`` and
-``dispatch_pending`` (run by the reconciler loop, with Prefect's own timeouts and retries)
-tries again later; Prefect's idempotency key (the job id) makes a retried creation return the
-same flow run, also when the first creation went through after its caller gave up, so a job
-never gets two.
+The API dispatches each job right after committing it, waiting for it at most
+``REQUEST_DISPATCH_S``: a slow or unreachable Prefect (on SQLite it answers 503 while busy, and
+its client backs off for up to a minute) must not hold up the request that was accepted. The
+creation goes on in the dispatcher's thread and records the flow run when it gets one; should
+it fail, the job stays ``pending`` and ``dispatch_pending`` (run by the reconciler loop) tries
+again later. Prefect's idempotency key (the job id) makes a retried creation return the same
+flow run, so a job never gets two.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as WaitTimeout
 from contextlib import contextmanager
 from datetime import timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.settings import (
-    PREFECT_API_REQUEST_TIMEOUT,
-    PREFECT_API_URL,
-    PREFECT_CLIENT_MAX_RETRIES,
-    temporary_settings,
-)
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlalchemy import select
 
 from deepflow.dag import JobState
@@ -35,7 +32,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT = "default"
 REQUEST_DISPATCH_S = 10.0
-"""The longest a request (``POST /v1/jobs``, a dashboard retry) waits on Prefect."""
+"""The longest a request (``POST /v1/jobs``, a dashboard retry) waits for its flow run."""
 SLOW_DISPATCH_S = 2.0
 
 
@@ -55,24 +52,19 @@ class Dispatcher:
         self.db = db
         self.api_url = api_url
         self._deployments: dict[str, UUID] = {}
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dispatch")
 
     @contextmanager
-    def _client(self, bounded: bool) -> Iterator[SyncPrefectClient]:
-        settings: dict = {PREFECT_API_URL: self.api_url}
-        if bounded:
-            settings |= {
-                PREFECT_API_REQUEST_TIMEOUT: REQUEST_DISPATCH_S,
-                PREFECT_CLIENT_MAX_RETRIES: 0,
-            }
-        # the client reads its timeout when made, its retries when it sends: hold both
-        with temporary_settings(settings), get_client(sync_client=True) as client:
+    def _client(self) -> Iterator[SyncPrefectClient]:
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            client = get_client(sync_client=True)
+        with client:
             yield client
 
-    def dispatch(self, job_id: str, kind: str, bounded: bool = False) -> str:
-        """Create (or find) the job's flow run and record it; returns the flow run id.
-        ``bounded``: one try of at most ``REQUEST_DISPATCH_S`` per call to Prefect."""
+    def dispatch(self, job_id: str, kind: str) -> str:
+        """Create (or find) the job's flow run and record it; returns the flow run id."""
         start = time.monotonic()
-        with self._client(bounded) as client:
+        with self._client() as client:
             if kind not in self._deployments:
                 deployment = client.read_deployment_by_name(deployment_name(kind))
                 self._deployments[kind] = deployment.id
@@ -88,14 +80,23 @@ class Dispatcher:
             attach_flow_run(session, job_id, str(flow_run.id))
         return str(flow_run.id)
 
-    def try_dispatch(self, job_id: str, kind: str, bounded: bool = True) -> str | None:
-        """``dispatch``, or None when Prefect failed or was slow: the reconciler's
-        ``dispatch_pending`` hands the job over later. Bounded by default (for requests)."""
+    def try_dispatch(
+        self, job_id: str, kind: str, wait_s: float | None = REQUEST_DISPATCH_S
+    ) -> str | None:
+        """``dispatch``, or None when it failed or (``wait_s``) is still going: a creation
+        still going records its flow run when it ends, and the reconciler's
+        ``dispatch_pending`` retries one that failed."""
         try:
-            return self.dispatch(job_id, kind, bounded)
-        except Exception as exc:  # Prefect down or slow: the job waits, pending, for the next pass
+            if wait_s is None:
+                return self.dispatch(job_id, kind)
+            return self._pool.submit(self.dispatch, job_id, kind).result(timeout=wait_s)
+        except WaitTimeout:
+            log.warning(
+                "job %s: Prefect is slow; its flow run is created in the background", job_id
+            )
+        except Exception as exc:  # Prefect down: the job waits, pending, for the next pass
             log.warning("could not dispatch job %s yet: %r", job_id, exc)
-            return None
+        return None
 
     def dispatch_pending(self, older_than_s: float = 5.0) -> list[str]:
         """Dispatch jobs still pending without a flow run (their first dispatch failed)."""
@@ -108,4 +109,4 @@ class Dispatcher:
                     Job.created_at < cutoff,
                 )
             ).all()
-        return [job_id for job_id, kind in rows if self.try_dispatch(job_id, kind, bounded=False)]
+        return [job_id for job_id, kind in rows if self.try_dispatch(job_id, kind, wait_s=None)]
