@@ -1,7 +1,7 @@
 """OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, for every HTTP
 server of ours: the platform API and gateway, and the FlowServe daemon. It imports nothing of
-ours and Starlette only when it builds a response, so the DAG layer, the store-free daemon and
-the API can all use it.
+ours (pydantic, for the shape's OpenAPI schema, and Starlette only when it builds a response),
+so the DAG layer, the store-free daemon and the API can all use it.
 
 ``type`` follows the status the way OpenAI's client maps statuses to exception classes (400
 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 if TYPE_CHECKING:
     from starlette.responses import JSONResponse
 
@@ -20,6 +22,27 @@ TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body, as ``error_body`` builds it."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "The request was refused (OpenAI's shape)"},
+    "5XX": {"model": ErrorResponse, "description": "The server failed (OpenAI's shape)"},
+}
+"""An app's ``responses=``: the schema documents the statuses and body clients get instead of
+FastAPI's default 422, which no route of ours returns (a validation error is a 400)."""
 
 
 class OpenAIError(Exception):

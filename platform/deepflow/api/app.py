@@ -11,6 +11,7 @@ from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
 from deepflow.gateway import routes as gateway
+from deepflow.openai_errors import ERROR_RESPONSES
 from deepflow.store import Database, get_database
 
 
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         description="Serverless LLM platform: jobs as task DAGs, OpenAI-compatible serving.",
         docs_url=None,  # docs.install serves it from packaged files, not a CDN
         redoc_url=None,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.db = db or get_database(settings.database_url)
