@@ -18,6 +18,7 @@ from deepflow.engine.daemon import chat, completions
 from deepflow.engine.daemon.engine_server import EngineServer
 from deepflow.engine.daemon.errors import OpenAIError, error_response, install_error_handlers
 from deepflow.engine.daemon.options import DEFAULT_MAX_WAITING
+from deepflow.openai_errors import ERROR_RESPONSES
 
 
 def build_app(
@@ -30,7 +31,14 @@ def build_app(
 ) -> FastAPI:
     """One engine behind OpenAI's API. ``app.state.flowserve`` is the EngineServer (the
     serving process watches it for a drain request)."""
-    app = FastAPI(title="FlowServe", docs_url=None, redoc_url=None, openapi_url=None)
+    # The schema is not served; the 404 message and tests/fuzz read it with app.openapi().
+    app = FastAPI(
+        title="FlowServe",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        responses=ERROR_RESPONSES,
+    )
     server = EngineServer(engine, served_model_name, max_waiting, aliases)
     app.state.flowserve = server
     install_error_handlers(app)
