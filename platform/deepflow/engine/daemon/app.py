@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from deepflow.engine.async_engine import AsyncLLMEngine
 from deepflow.engine.daemon import chat, completions
@@ -83,7 +83,7 @@ def build_app(
             }
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
