@@ -70,6 +70,25 @@ def test_temperature_shapes_the_distribution():
             assert abs(tokens.count(t) / draws - expected[t].item()) < 0.03
 
 
+@pytest.mark.parametrize(
+    ("params", "prompt", "expected"),
+    [
+        (SamplingParams(temperature=5e-324), (5,), {1}),  # 0 in float32
+        (SamplingParams(temperature=1e-40), (5,), {1}),  # logits / t overflow float32
+        (SamplingParams(repetition_penalty=5e-324), (1, 3), {1}),  # 0 in float32
+        (SamplingParams(temperature=1e-30, repetition_penalty=1e-30), (1, 3), {1}),
+        (SamplingParams(repetition_penalty=1e39), (0, 1, 2), {0, 1, 3, 4}),  # inf; 0 * inf
+    ],
+)
+def test_extreme_temperatures_and_penalties_sample_their_limit(params, prompt, expected):
+    """Values float32 rounds to 0 or inf drew from a NaN softmax, which raised in the engine
+    loop and killed it (a fuzzed request to the daemon did)."""
+    logits = torch.tensor([[0.0, 3.0, -1.0, 2.0, 1.0]])
+    draws = 400
+    seqs = [seq(params, prompt=prompt) for _ in range(draws)]
+    assert set(Sampler(seed=0)(logits.expand(draws, -1), seqs, [EOS]).token_ids) == expected
+
+
 def test_penalties_follow_vllm_semantics():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0]])
     s = seq(

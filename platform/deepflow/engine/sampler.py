@@ -19,6 +19,12 @@ import torch
 from deepflow.engine.outputs import Logprob, ModelRunnerOutput, SampledBatch
 from deepflow.engine.sequence import Sequence
 
+_F32 = torch.finfo(torch.float32)
+"""Sampling runs in float32, where a request's float64 temperature or repetition penalty can
+round to 0 (5e-324) or inf (1e39): both are clamped to a positive finite factor, and a logit
+they push past float32 stays finite, so such a request samples (its limit, the argmax) instead
+of making softmax NaN, which raises inside the engine loop and kills it for every request."""
+
 
 def to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Host values on `device` without waiting for the work queued there (pinned copy)."""
@@ -74,7 +80,9 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
         temperature = to_device([s.params.temperature for s in seqs], device, torch.float32)
-        logits = logits / temperature.unsqueeze(1)
+        temperature = temperature.clamp(_F32.tiny, _F32.max).unsqueeze(1)
+        # Less the row's maximum first: then a tiny temperature overflows only towards -inf.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
         logits = _truncate(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
         out = torch.empty(len(seqs), dtype=torch.long, device=device)
@@ -176,11 +184,11 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
     index = to_device(rows, device, torch.int64)
     sub = logits[index]
-    rep = column("repetition_penalty")
+    rep = column("repetition_penalty").clamp(_F32.tiny, _F32.max)
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - column("frequency_penalty") * counts
     sub = sub - column("presence_penalty") * (counts > 0).float()
-    logits[index] = sub
+    logits[index] = sub.clamp(max=_F32.max)
 
 
 def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
