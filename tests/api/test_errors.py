@@ -140,3 +140,33 @@ def test_a_route_not_served_names_what_is(api: Api) -> None:
     for served in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/jobs"):
         assert served in message, message
     assert "/v1/jobs/" not in message  # resources, not every path under them
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kw", "param"),
+    [
+        ("GET", "/v1/jobs/job_%00", {}, "job_id"),
+        ("POST", "/v1/jobs/job_%00/cancel", {}, "job_id"),
+        ("GET", "/v1/jobs", {"params": {"kind": "dag\x00"}}, "kind"),
+        ("GET", "/v1/jobs", {"params": {"after": "\x00"}}, "after"),
+        ("GET", "/ui/api/jobs", {"params": {"q": "\x00"}}, "q"),
+        ("GET", "/v1/jobs/job_1/tasks/a%00/logs", {}, "task_name"),
+        ("PATCH", "/v1/deployments/%00", {"json": {"replicas": 1}}, "deployment_id"),
+        ("POST", "/v1/deployments", {"json": {"model": "m\x00"}}, "model"),
+        (
+            "POST",
+            "/v1/jobs",
+            {"json": {"kind": "dag", "spec": {"tasks": [_task("a")]}, "idempotency_key": "\x00"}},
+            "idempotency_key",
+        ),
+    ],
+)
+def test_a_nul_is_a_bad_request_on_every_database(
+    api: Api, method: str, path: str, kw: dict[str, Any], param: str
+) -> None:
+    """PostgreSQL's text cannot hold NUL: binding one in a query raised there (a 500, where
+    SQLite found nothing)."""
+    before = _rows(api)
+    r = api.client.request(method, path, headers=api.headers(), **kw)
+    _assert_error(r, 400, "invalid_value", param)
+    assert _rows(api) == before

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
 from deepflow.api import dashboard, deployments, docs, errors, jobs, limits
+from deepflow.api.deps import no_nul_parameters
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         docs_url=None,  # docs.install serves it from packaged files, not a CDN
         redoc_url=None,
         responses=ERROR_RESPONSES,
+        dependencies=[Depends(no_nul_parameters)],
     )
     app.state.settings = settings
     app.state.db = db or get_database(settings.database_url)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deepflow import store
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.errors import APIError
+from deepflow.api.schemas import NO_NUL
 from deepflow.dag.spec import ResourceClass
 from deepflow.replicas.converge import converge
 from deepflow.store import Deployment, DeploymentState, Instance, ModelVersionState
@@ -36,7 +37,7 @@ class EngineArgs(BaseModel):
 class DeploymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Annotated[str, Field(min_length=1, max_length=200), NO_NUL]
     """A model registered for this tenant; its newest ready version is served."""
     replicas: int = Field(default=1, ge=1, le=64)
     resource_class: ResourceClass = ResourceClass.CPU

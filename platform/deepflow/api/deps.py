@@ -1,4 +1,5 @@
-"""Request dependencies: the database and the caller's tenant (from its Bearer key)."""
+"""Request dependencies: the database, the caller's tenant (from its Bearer key), and the
+check of every route's path and query values."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from deepflow.api.errors import APIError
+from deepflow.api.schemas import NUL_MESSAGE
 from deepflow.store import Database, Tenant, authenticate
+
+
+def no_nul_parameters(request: Request) -> None:
+    """A 400 for a path or query value with a NUL, as ``schemas.NO_NUL`` gives for a body
+    field (PostgreSQL's text cannot hold one)."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if "\x00" in str(value):
+            raise APIError(400, f"{name}: {NUL_MESSAGE}", param=name, code="invalid_value")
 
 
 def database(request: Request) -> Database:

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deepflow.dag import JobState, ResourceClass, TaskState, TriggerRule
 from deepflow.store import Event, Job, Task
+
+NUL_MESSAGE = "must not contain NUL (\\u0000)"
+
+
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
+NO_NUL = AfterValidator(_without_nul)
+"""For a string the API stores or looks up, after its length: PostgreSQL's text cannot hold
+NUL, so a query binding one fails (a 500) where SQLite finds nothing; it is a 400 on both.
+Path and query values get the same check from ``deps.no_nul_parameters``."""
 
 
 class JobCreate(BaseModel):
@@ -21,11 +35,8 @@ class JobCreate(BaseModel):
         "not available yet)",
     )
     spec: dict[str, Any] = Field(description="The kind's spec; for dag: {'tasks': [...]}")
-    idempotency_key: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=255,
-        description="The same key from the same tenant returns the first job.",
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255), NO_NUL] | None = Field(
+        default=None, description="The same key from the same tenant returns the first job."
     )
 
 
