@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,11 @@ from deepflow.store import (
 from tests.integration.conftest import Platform, platform_up
 
 MODEL = "tiny"
+RECOVERY_S = 90.0
+"""The most a killed instance's replacement may take to be ready, from the kill: noticing it
+(a refused probe at once; a stuck daemon after MISSES_TO_FAIL probes of PROBE_TIMEOUT_S, ~8 s),
+then a deploy job (dispatch, the weights check, a cold daemon start, its health check: 15 to
+25 s on the 2-core VM under load), with room for one failed job and its retry 30 s later."""
 
 
 def register_model(platform: Platform, folder: Path, tenant: str = "acme") -> None:
@@ -60,3 +67,30 @@ def wait_deployment(
             return d
         assert time.monotonic() < deadline, f"deployment stayed {d['state']} with {n} ready: {d}"
         time.sleep(0.3)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes (not zombies) of process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (a server could bind it again)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

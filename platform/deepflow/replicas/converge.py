@@ -5,6 +5,13 @@ the two and, when they differ and no deploy job of the deployment is still runni
 one that launches the missing replicas or stops the surplus. The API calls it on create,
 scale and delete; the supervisor (``deepflow.replicas.supervisor``) calls it after an
 instance dies. ``settle`` moves the deployment's own state once a job has done its part.
+
+A starting instance counts as live only while the deploy job that launched it runs: that
+job's health check is the only way to ready, so once the job has ended the instance never
+gets there (its launch attempt was killed, or lost its lease while a retry launched another,
+or its health check gave up). ``converge`` fails such instances and ends their daemons before
+it counts; counted as live, one stood in for a replacement forever (the deployment stayed
+degraded) or made a later replacement look surplus, so that the healthy one was stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from sqlalchemy.orm import Session
 
 from deepflow import dag
 from deepflow.dispatch import Dispatcher
+from deepflow.replicas.daemons import end_daemon
 from deepflow.store import (
     Database,
     Deployment,
     DeploymentState,
+    Instance,
     InstanceState,
     Job,
     create_job,
@@ -29,7 +38,7 @@ from deepflow.store import (
     set_deployment_state,
 )
 from deepflow.store.deployments import GONE
-from deepflow.store.transitions import lock
+from deepflow.store.transitions import lock, set_instance_state
 
 DRAIN_TIMEOUT_S = 60.0
 
@@ -38,6 +47,26 @@ __all__ = ["GONE", "converge", "drain", "record_load", "settle"]
 
 def _desired(deployment: Deployment) -> int:
     return 0 if deployment.state in GONE else deployment.replicas
+
+
+def _give_up_orphans(
+    session: Session, deployment: Deployment
+) -> list[tuple[str, str | None, int | None]]:
+    """Fail the deployment's starting instances whose deploy job has ended (see the module's
+    docstring); returns (id, host, pid) of each, whose daemon may still run."""
+    orphans = []
+    for instance in deployment_instances(session, deployment.id, live_only=True):
+        if instance.state is not InstanceState.STARTING:
+            continue
+        job = session.get(Job, instance.job_id) if instance.job_id else None
+        if job is not None and not job.state.is_terminal:
+            continue
+        instance = lock(session, Instance, instance.id)
+        if instance.state is InstanceState.STARTING:
+            reason = "its deploy job ended before it was ready"
+            set_instance_state(session, instance, InstanceState.FAILED, reason=reason)
+            orphans.append((instance.id, instance.host, instance.pid))
+    return orphans
 
 
 def _change_needed(session: Session, deployment: Deployment) -> dict[str, Any] | None:
@@ -57,26 +86,36 @@ def converge(
     db: Database, dispatcher: Dispatcher | None, deployment_id: str, reason: str
 ) -> str | None:
     """Start a deploy job for the deployment if it needs one and none is running; returns the
-    new job's id."""
+    new job's id. Instances given up on the way have their daemons ended first, so what they
+    hold (a port, device memory) is free before a replacement starts."""
     with db.transaction() as session:
         deployment = lock(session, Deployment, deployment_id)
         if deployment.job_id is not None:
             current = session.get(Job, deployment.job_id)
             if current is not None and not current.state.is_terminal:
                 return None  # that job's last task settles the deployment; we look again then
-        spec = _change_needed(session, deployment)
-        if spec is None:
-            if deployment.state is DeploymentState.DELETING:
-                set_deployment_state(session, deployment, DeploymentState.DELETED)
-            return None
-        spec["resource_class"] = deployment.resource_class.value
-        spec["reason"] = reason
-        job, _ = create_job(session, deployment.tenant_id, dag.plan("deploy", spec), "deploy", None)
-        deployment.job_id = job.id
-        job_id = job.id
-    if dispatcher is not None:
+        orphans = _give_up_orphans(session, deployment)
+        job_id = None if orphans else _start_job(session, deployment, reason)
+    if orphans:
+        for orphan in orphans:
+            end_daemon(*orphan)
+        return converge(db, dispatcher, deployment_id, reason)  # they no longer count
+    if job_id is not None and dispatcher is not None:
         dispatcher.try_dispatch(job_id, "deploy")
     return job_id
+
+
+def _start_job(session: Session, deployment: Deployment, reason: str) -> str | None:
+    spec = _change_needed(session, deployment)
+    if spec is None:
+        if deployment.state is DeploymentState.DELETING:
+            set_deployment_state(session, deployment, DeploymentState.DELETED)
+        return None
+    spec["resource_class"] = deployment.resource_class.value
+    spec["reason"] = reason
+    job, _ = create_job(session, deployment.tenant_id, dag.plan("deploy", spec), "deploy", None)
+    deployment.job_id = job.id
+    return job.id
 
 
 def settle(session: Session, deployment_id: str) -> dict[str, Any]:

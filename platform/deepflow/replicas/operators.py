@@ -11,7 +11,6 @@ A plugin of the operator registry: ``OPERATORS`` is what our pyproject's
 
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 import threading
@@ -24,8 +23,9 @@ import httpx
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed
 from deepflow.devices import pinned_device
-from deepflow.procutil import signal_alive, wait_gone
+from deepflow.procutil import wait_gone
 from deepflow.replicas import converge
+from deepflow.replicas.daemons import daemon_env, end_daemon
 from deepflow.replicas.spawn import DaemonFailed, spawn_daemon
 from deepflow.store import (
     Database,
@@ -36,6 +36,7 @@ from deepflow.store import (
     get_database,
     set_instance_state,
 )
+from deepflow.store.transitions import lock
 from deepflow.store.types import utcnow
 
 LAUNCH_TIMEOUT_S = 300.0
@@ -107,29 +108,51 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = _engine_argv(deployment, settings.instance_host)
     try:
-        spawned = spawn_daemon(argv, log_path, timeout_s=LAUNCH_TIMEOUT_S, detach=True)
+        spawned = spawn_daemon(
+            argv,
+            log_path,
+            timeout_s=LAUNCH_TIMEOUT_S,
+            env=daemon_env(instance_id),
+            detach=True,
+            on_start=lambda pid: _record(db, instance_id, pid=pid),
+        )
     except DaemonFailed as exc:
         _launch_failed(db, instance_id, exc)
         raise OperatorFailed(str(exc)) from None
-    except BaseException as exc:  # the worker stopping this attempt; spawn killed the daemon
+    except BaseException as exc:  # stopped, or given up (_record): spawn killed the daemon
         _launch_failed(db, instance_id, exc)
         raise
     # The worker process stays the daemon's parent: reap it when it exits, or it lingers
     # as a zombie (still "alive" to kill(pid, 0)).
     proc, ready = spawned.proc, spawned.ready
     threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-    with db.transaction() as session:
-        row = session.get(Instance, instance_id)
-        assert row is not None
-        row.address, row.pid, row.updated_at = ready.url, ready.pid, utcnow()
+    try:
+        _record(db, instance_id, pid=ready.pid, address=ready.url)
+    except BaseException as exc:  # stopped, or given up meanwhile: nobody else would end it
+        end_daemon(instance_id, socket.gethostname(), proc.pid)
+        _launch_failed(db, instance_id, exc)
+        raise
     return {"instance_id": instance_id, "address": ready.url, "pid": ready.pid}
+
+
+def _record(db: Database, instance_id: str, *, pid: int, address: str | None = None) -> None:
+    """Write the daemon's pid (as soon as it runs, so a launch killed before the report leaves
+    a daemon that can still be found) and then its address. Refused once the instance is no
+    longer starting: its deploy job ended and ``converge`` gave it up."""
+    with db.transaction() as session:
+        row = lock(session, Instance, instance_id)
+        if row.state is not InstanceState.STARTING:
+            raise OperatorFailed(f"instance {instance_id} is {row.state}: its launch was given up")
+        row.pid, row.updated_at = pid, utcnow()
+        row.address = address or row.address
 
 
 def _launch_failed(db: Database, instance_id: str, exc: BaseException) -> None:
     with db.transaction() as session:
-        set_instance_state(
-            session, instance_id, InstanceState.FAILED, reason=f"launch failed: {exc}"
-        )
+        if lock(session, Instance, instance_id).state is InstanceState.STARTING:
+            set_instance_state(
+                session, instance_id, InstanceState.FAILED, reason=f"launch failed: {exc}"
+            )
 
 
 def health_check(args: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +192,7 @@ def stop_instance(args: dict[str, Any]) -> dict[str, Any]:
     if address:
         converge.drain(address)
     if pid and host == socket.gethostname() and not wait_gone(pid, EXIT_TIMEOUT_S):
-        signal_alive(pid, signal.SIGKILL)
+        end_daemon(instance_id, host, pid)
     with _db().transaction() as session:
         set_instance_state(session, instance_id, InstanceState.STOPPED, reason="scaled in")
     return {"instance_id": instance_id, "state": "stopped"}

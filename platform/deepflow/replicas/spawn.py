@@ -17,7 +17,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +48,14 @@ def spawn_daemon(
     timeout_s: float,
     env: Mapping[str, str] | None = None,
     detach: bool = False,
+    on_start: Callable[[int], object] | None = None,
 ) -> Spawned:
     """Run ``argv`` (a daemon command line; ``--ready-fd`` is added) with its output in
     ``log_path``, and return once it reports ready. ``detach``: its own session, so it
-    outlives the caller. On any failure, including the attempt being stopped (SIGTERM raises
-    ``AttemptStopped`` here), the daemon is killed before the error propagates."""
+    outlives the caller. ``on_start`` gets the daemon's pid as soon as it runs (to record it
+    before the long wait for its report). On any failure, including ``on_start``'s and the
+    attempt being stopped (SIGTERM raises ``AttemptStopped`` here), the daemon is killed
+    before the error propagates."""
     read_fd, write_fd = os.pipe()
     with open(read_fd, "rb", buffering=0) as pipe:
         try:
@@ -69,6 +72,8 @@ def spawn_daemon(
         finally:
             os.close(write_fd)  # the daemon holds the only write end now
         try:
+            if on_start is not None:
+                on_start(proc.pid)
             ready = _await_report(proc, pipe.fileno(), log_path, timeout_s)
         except BaseException:
             _kill(proc, detach)

@@ -2,13 +2,18 @@
 (its heartbeat and load), fails the dead ones, and converges each deployment.
 
 A refused connection means nothing listens any more: the instance is failed at once. A probe
-that times out is a miss; ``MISSES_TO_FAIL`` in a row fail it too (a stuck process). The
-reconciler runs ``pass_once`` every ``reconcile_interval_s``.
+that times out is a miss; ``MISSES_TO_FAIL`` in a row fail it too (a stuck process). A failed
+instance's daemon is ended there and then (SIGKILL to its process group, waiting until it is
+gone), before the same pass converges its deployment: a stuck daemon would otherwise keep
+its port, its memory and its device's memory next to its replacement, and outlive the
+platform. The reconciler runs ``pass_once`` every ``reconcile_interval_s``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -24,6 +29,7 @@ from deepflow.dag import JobState
 from deepflow.dispatch import Dispatcher
 from deepflow.procutil import signal_alive
 from deepflow.replicas.converge import converge, record_load, settle
+from deepflow.replicas.daemons import end_daemon, is_daemon_of
 from deepflow.store import (
     Database,
     Deployment,
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 MISSES_TO_FAIL = 3
 PROBE_TIMEOUT_S = 2.0
+STOPPABLE = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+"""What `up` stops on exit (the StopInstance rule's from-states); a failed instance's daemon
+that still runs is only killed."""
 RETRY_AFTER_FAILED_JOB_S = 30.0
 """A deployment whose last deploy job failed is tried again only after this long; a failed
 deployment (nothing ever came up) only when a user scales it."""
@@ -69,6 +78,7 @@ class Supervisor:
             self._apply(instance_id, health, verdict)
 
     def _apply(self, instance_id: str, health: dict[str, Any] | None, verdict: str) -> None:
+        failed = None
         with self.db.transaction() as session:
             if health is not None:
                 self.misses.pop(instance_id, None)
@@ -84,6 +94,9 @@ class Supervisor:
                     set_instance_state(
                         session, instance_id, InstanceState.FAILED, reason=f"health: {verdict}"
                     )
+                    failed = (row.host, row.pid)
+        if failed is not None:
+            end_daemon(instance_id, *failed)
 
     def converge_deployments(self) -> None:
         with self.db.transaction() as session:
@@ -117,30 +130,34 @@ def _probe(address: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def stop_local_instances(db: Database, grace_s: float = 15.0) -> int:
-    """Stop the daemons this host runs (``deepflow up`` exiting): SIGTERM drains them, SIGKILL
-    after ``grace_s``. They are marked stopped, so the next start brings their deployments
-    back to strength. Returns how many were running."""
+    """Stop the daemons this host runs (``deepflow up`` exiting): SIGTERM drains the live
+    ones, and after ``grace_s`` SIGKILL goes to every daemon's process group; daemons of
+    failed instances that still run are killed at once. The live ones are marked stopped, so
+    the next start brings their deployments back to strength. Returns how many were live."""
     host = socket.gethostname()
     with db.transaction() as session:
         rows = session.execute(
-            select(Instance.id, Instance.pid).where(
-                Instance.state.in_(
-                    [InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING]
-                ),
+            select(Instance.id, Instance.state, Instance.pid).where(
+                Instance.state != InstanceState.STOPPED,
                 Instance.host == host,
                 Instance.pid.is_not(None),
             )
         ).all()
-    alive = {pid for _, pid in rows if signal_alive(pid, signal.SIGTERM)}
+    live = [instance_id for instance_id, state, _ in rows if state in STOPPABLE]
+    running = [(pid, state) for instance_id, state, pid in rows if is_daemon_of(pid, instance_id)]
+    for pid, state in running:
+        signal_alive(pid, signal.SIGTERM if state in STOPPABLE else signal.SIGKILL)
     deadline = time.monotonic() + grace_s
+    alive = {pid for pid, _ in running}
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
         alive = {pid for pid in alive if signal_alive(pid)}
-    for pid in alive:
-        signal_alive(pid, signal.SIGKILL)
-    for instance_id, _ in rows:
+    for pid, _ in running:  # also what a daemon started and left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    for instance_id in live:
         with db.transaction() as session:
             set_instance_state(
                 session, instance_id, InstanceState.STOPPED, reason="the platform stopped"
             )
-    return len(rows)
+    return len(live)
