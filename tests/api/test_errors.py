@@ -170,3 +170,19 @@ def test_a_nul_is_a_bad_request_on_every_database(
     r = api.client.request(method, path, headers=api.headers(), **kw)
     _assert_error(r, 400, "invalid_value", param)
     assert _rows(api) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/ui/api/jobs?offset={}", "offset"),
+        ("/v1/jobs/job_1/events?after={}", "after"),
+        ("/v1/jobs/job_1/tasks/a/logs?attempt={}", "attempt"),
+    ],
+)
+def test_a_query_integer_past_64_bits_is_a_bad_request(api: Api, path: str, param: str) -> None:
+    """SQL integers are 64-bit: a larger offset or id raised in the query (a 500)."""
+    largest = api.client.get(path.format(2**63 - 1), headers=api.headers())
+    assert largest.status_code in (200, 404), largest.text
+    r = api.client.get(path.format(2**63), headers=api.headers())
+    _assert_error(r, 400, "invalid_value", param)

@@ -45,7 +45,7 @@ from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.errors import APIError
 from deepflow.api.jobs import job_response
 from deepflow.api.metrics_history import MetricsHistory, Target
-from deepflow.api.schemas import EventList, EventResponse, JobResponse
+from deepflow.api.schemas import MAX_SQL_INT, EventList, EventResponse, JobResponse
 from deepflow.dag import JobState
 from deepflow.store import Job
 from deepflow.store import dashboard as views
@@ -80,7 +80,7 @@ def search_jobs(
     kind: Annotated[str | None, Query(max_length=40)] = None,
     q: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
 ) -> JobSearchResponse:
     """A page of jobs, newest first, with the counts the list's filters show."""
     with db.transaction() as session:
@@ -142,7 +142,7 @@ def read_logs(
     task_name: str,
     tenant: CurrentTenant,
     db: DB,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=MAX_SQL_INT)] = None,
 ) -> TaskLogList:
     """The task's stored attempt logs, oldest attempt first (or the one ``attempt``)."""
     with db.transaction() as session:

@@ -11,6 +11,7 @@ from deepflow import dag, store
 from deepflow.api import limits
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.api.schemas import (
+    MAX_SQL_INT,
     EventList,
     EventResponse,
     JobCreate,
@@ -87,7 +88,7 @@ def read_job_events(
     job_id: str,
     tenant: CurrentTenant,
     db: DB,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SQL_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     """The job's audit trail in order; poll with ``after`` = the last event id seen."""

@@ -10,6 +10,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from deepflow.dag import JobState, ResourceClass, TaskState, TriggerRule
 from deepflow.store import Event, Job, Task
 
+MAX_SQL_INT = 2**63 - 1
+"""The upper bound of an integer query value that reaches SQL (an offset, an id to page
+after): SQLite and PostgreSQL integers are 64-bit, and a larger one fails its query (a 500)."""
+
 NUL_MESSAGE = "must not contain NUL (\\u0000)"
 
 
