@@ -378,8 +378,11 @@ def _up(settings: Settings, model: bool) -> int:
         return _serve_api(stack, api_sock, key, model)
     finally:
         remove_up(settings)
-        stopped = stop_local_instances(get_database(stack.settings.database_url))
+        db = get_database(stack.settings.database_url)
+        stopped = stop_local_instances(db)
         stack.stop()
+        # again: a deploy job still launching when the first sweep ran can have started one
+        stopped += stop_local_instances(db)
         print(f"DeepFlow stopped ({stopped} engine instance(s) stopped).", flush=True)
 
 

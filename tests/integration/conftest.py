@@ -122,6 +122,8 @@ def platform_up(
             api.stop()
             stop_local_instances(api.db)
         stack.stop()
+        if api is not None:  # a launch still going at the first sweep may have started one
+            stop_local_instances(api.db)
         if flavour == "redis":
             drop_pg_database(database_url)
 
