@@ -24,7 +24,10 @@ from deepflow.dag import JobState
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=201, response_model=JobResponse)
+REPLAYED = {200: {"model": JobResponse, "description": "The job an idempotency key made before"}}
+
+
+@router.post("", status_code=201, response_model=JobResponse, responses=REPLAYED)
 def create_job(
     body: JobCreate, request: Request, response: Response, tenant: CurrentTenant, db: DB
 ) -> JobResponse:
