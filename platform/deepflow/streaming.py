@@ -1,5 +1,5 @@
 """A streaming response that notices a client going away, for our SSE streams (the FlowServe
-daemon's and the gateway's relay of them)."""
+daemon's and the gateway's relay of them), and how their routes' schema says they stream."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ from typing import Any
 import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+"""One server-sent event: ``data`` is a JSON chunk, or ``[DONE]`` last."""
+
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The completion, or with "stream": true its chunks as server-sent events',
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+    }
+}
+"""A completion route's ``responses=``: its 200 is JSON, or an event stream when asked. Each
+event is described by ``itemSchema``, OpenAPI 3.2's field for event streams (schemathesis
+checks every event against it)."""
 
 
 class ClosingStreamingResponse(StreamingResponse):

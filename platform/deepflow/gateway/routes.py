@@ -19,6 +19,7 @@ from deepflow.gateway.proxy import Proxy, request_cost
 from deepflow.gateway.table import KeyCache, RoutingTable
 from deepflow.openai_errors import OpenAIError as APIError
 from deepflow.store import Tenant
+from deepflow.streaming import STREAMED
 
 router = APIRouter(prefix="/v1", tags=["gateway"])
 
@@ -114,11 +115,11 @@ async def _forward(request: Request, path: str) -> Response:
     )
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMED)
 async def completions(request: Request) -> Response:
     return await _forward(request, "/v1/completions")
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMED)
 async def chat_completions(request: Request) -> Response:
     return await _forward(request, "/v1/chat/completions")

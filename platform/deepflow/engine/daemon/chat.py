@@ -36,11 +36,12 @@ from deepflow.engine.daemon.formatting import (
 )
 from deepflow.engine.daemon.protocol import ChatCompletionRequest
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
+from deepflow.streaming import STREAMED
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     server: EngineServer = request.app.state.flowserve
     server.check_model(body.model)

@@ -33,11 +33,12 @@ from deepflow.engine.daemon.formatting import (
 )
 from deepflow.engine.daemon.protocol import CompletionRequest
 from deepflow.engine.llm_engine import CompletionOutput, RequestOutput
+from deepflow.streaming import STREAMED
 
 router = APIRouter()
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMED)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     server: EngineServer = request.app.state.flowserve
     server.check_model(body.model)
