@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from starlette.types import ASGIApp
 
 from deepflow.api import create_app
 from deepflow.config import Settings
@@ -41,18 +43,27 @@ def api(db: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]
         yield Api(client, db, key, other)
 
 
-@pytest.fixture
-def live_api(api: Api) -> Iterator[str]:
-    """The same app behind a real HTTP server (for concurrency), yielding its base URL."""
+@contextmanager
+def serve(app: ASGIApp) -> Iterator[str]:
+    """``app`` behind a real HTTP server on a free port, yielding its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.client.app, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        assert time.monotonic() < deadline, "the API server did not start"
+        assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_api(api: Api) -> Iterator[str]:
+    """The same app behind a real HTTP server (for concurrency), yielding its base URL."""
+    with serve(api.client.app) as url:
+        yield url
     httpx.Client().close()
