@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 PRELOAD = ["deepflow.flows.warm_pool", "deepflow.flows.registry", "prefect.flow_engine"]
 """Imported once by the fork server; every warm process starts with them loaded."""
 
+BUSY_GRACE_S = 5.0
+"""How long a stopping worker waits for flow runs still running before it kills them."""
 OWNER_CHECK_S = 1.0
 """How often an idle warm process checks that the worker that made it is still alive. Its
 parent is the fork server, not the worker, so the kernel's parent-death signal cannot tell it;
@@ -98,6 +101,8 @@ class WarmPool:
         self._idle: list[tuple[BaseProcess, multiprocessing.connection.Connection]] = []
         self._closed = False
         self._owner = os.getpid()
+        self._busy: list[BaseProcess] = []
+        """Processes handed a flow run (pruned as they exit)."""
 
     def fill(self) -> None:
         """Make processes until ``size`` are idle (they connect in the background)."""
@@ -129,17 +134,31 @@ class WarmPool:
         process, conn = self._take()
         conn.send_bytes(cloudpickle.dumps((flow_name, flow_run, env)))
         conn.close()
+        with self._lock:
+            self._busy = [p for p in self._busy if p.is_alive()] + [process]
         if self.size:
             threading.Thread(target=self.fill, name="warm-pool-fill", daemon=True).start()
         return process
 
-    def close(self) -> None:
-        """Idle processes see their pipe close and exit."""
+    def close(self, busy_grace_s: float = BUSY_GRACE_S) -> None:
+        """Idle processes see their pipe close and exit. Flow runs still running get
+        ``busy_grace_s`` to end, then SIGKILL: the interpreter would otherwise wait for them at
+        exit, for ever when their platform is gone (an orphaned worker was seen doing so).
+        Not SIGTERM: that ends a run as cancelled in Prefect, and so its job, and stopping
+        the worker must not cancel jobs."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy, self._busy = self._busy, []
         for process, conn in idle:
             conn.close()
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+        deadline = time.monotonic() + busy_grace_s
+        for process in busy:
+            process.join(timeout=max(deadline - time.monotonic(), 0))
+            if process.is_alive():
+                log.warning("flow-run process %s still running at shutdown: killed", process.pid)
+                process.kill()
+                process.join(timeout=5)

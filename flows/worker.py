@@ -235,8 +235,8 @@ def run_worker(limit: int | None = None, warm: int = 1) -> None:
     # SIGTERM (how `deepflow up` and service managers stop a process) ends the worker like
     # Ctrl-C, so the warm processes are closed rather than orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
-    worker.pool.fill()
     try:
+        worker.pool.fill()
         asyncio.run(_run(worker))
     finally:
         worker.pool.close()
