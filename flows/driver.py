@@ -5,20 +5,25 @@ ready-set function (``store.advance_job``), starts a new attempt for each ready 
 submits it to its resource-class queue through the Celery task runner. Futures only wake
 the driver early. So a result that never arrives (a killed worker, a restarted broker) is
 noticed through the store: the reconciler ends the attempt, the driver starts the next,
-and an attempt left queued too long (its message lost) is sent again — duplicates are
-harmless because claims are fenced by attempt.
+and an attempt whose message may be lost (the broker restarted since it was sent, or it
+waited unclaimed too long) is sent again — duplicates are harmless because claims are
+fenced by attempt. A driver that dies is replaced (``store.drivers``): the new one sends
+again the attempts it finds queued.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import task
 from prefect.states import Cancelled, Failed, State
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from deepflow.dag import Dag, JobState, TaskState
 from deepflow.store import Database, Job, Task, drive_job, job_dag
@@ -34,6 +39,9 @@ the store knows (cancellation, an expired lease, a retry falling due)."""
 
 REDISPATCH_AFTER_S = 600.0
 """A task queued this long without a claim is sent again (its message may be lost)."""
+
+DATABASE_OUTAGE_S = 600.0
+"""How long a driver waits out an unreachable database (a restart) before it gives up."""
 
 MAX_ACTIVE_TASKS = 32
 """A job's tasks queued or running at once, at most (``store.drive_job``'s ``max_active``):
@@ -55,6 +63,7 @@ class _Sent:
     attempt: int
     future: PrefectCeleryFuture[Any]
     sent_at: datetime
+    epoch: str | None
 
 
 @dataclass
@@ -65,12 +74,19 @@ class JobDriver:
     poll_s: float = POLL_S
     redispatch_after_s: float = REDISPATCH_AFTER_S
     max_active_tasks: int | None = MAX_ACTIVE_TASKS
+    driver: int | None = None
+    """This driver's number (``store.claim_driver``); None: the job is not fenced."""
+    broker_epoch: Callable[[], str | None] = lambda: None
+    """The broker's current life (``workers.app.broker_epoch``): a message sent in an earlier
+    life was lost with it. None: unknown (unreachable, or a broker that keeps messages)."""
     _dag: Dag | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _sent: dict[str, _Sent] = field(default_factory=dict)
+    _epoch: str | None = None
 
     def run(self) -> Job:
         """Drive the job until it is terminal; returns the final job row."""
+        self._epoch = self.broker_epoch()
         try:
             while True:
                 self._wake.clear()
@@ -86,10 +102,28 @@ class JobDriver:
                 sent.future.cancel()  # revokes messages still queued
 
     def _advance(self) -> tuple[Job, list[Task], list[Task]]:
+        """One pass; an unreachable database (a restart) is waited out, not fatal."""
+        deadline = time.monotonic() + DATABASE_OUTAGE_S
+        while True:
+            try:
+                return self._pass()
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: the database is unreachable (%s); retrying", self.job_id, exc)
+                time.sleep(self.poll_s)
+
+    def _pass(self) -> tuple[Job, list[Task], list[Task]]:
         with self.db.transaction() as session:
             if self._dag is None:
                 self._dag = job_dag(session, self.job_id)[0]
-            step = drive_job(session, self.job_id, self._dag, max_active=self.max_active_tasks)
+            step = drive_job(
+                session,
+                self.job_id,
+                self._dag,
+                max_active=self.max_active_tasks,
+                driver=self.driver,
+            )
         return step.job, step.tasks, step.queued
 
     def _send(self, row: Task) -> None:
@@ -99,27 +133,36 @@ class JobDriver:
         parameters = {"task_id": row.id, "attempt": row.attempt, "queue": row.resource_class.value}
         future = self.runner.submit(prefect_task, parameters)
         future.add_done_callback(lambda _: self._wake.set())
-        self._sent[row.id] = _Sent(row.attempt, future, utcnow())
+        self._sent[row.id] = _Sent(row.attempt, future, utcnow(), self._epoch)
 
     def _reconcile(self, tasks: list[Task]) -> float:
-        """Forget futures of attempts the store has moved past, resend lost ones, and
-        return how long to sleep (until the next retry falls due, at most ``poll_s``)."""
+        """Forget futures of attempts the store has moved past, send again the queued ones
+        whose message may be lost (or that an earlier driver of the job sent), and return
+        how long to sleep (until the next retry falls due, at most ``poll_s``)."""
         now = utcnow()
         timeout = self.poll_s
+        if any(t.state is TaskState.QUEUED for t in tasks):
+            self._epoch = self.broker_epoch()
         for t in tasks:
             sent = self._sent.get(t.id)
             if sent is not None and (sent.attempt != t.attempt or t.state.is_terminal):
                 del self._sent[t.id]
-            elif (
-                sent is not None
-                and t.state is TaskState.QUEUED
-                and (now - sent.sent_at > timedelta(seconds=self.redispatch_after_s))
-            ):
-                log.warning("task %s attempt %d unclaimed; sending it again", t.name, t.attempt)
+            elif t.state is TaskState.QUEUED and (why := self._lost(sent, now)):
+                log.warning("task %s attempt %d: %s; sending it again", t.name, t.attempt, why)
                 self._send(t)
             if t.state is TaskState.UP_FOR_RETRY and t.next_attempt_at is not None:
                 timeout = min(timeout, max((t.next_attempt_at - now).total_seconds(), 0.01))
         return timeout
+
+    def _lost(self, sent: _Sent | None, now: datetime) -> str | None:
+        """Why a queued attempt's message may be lost, or None."""
+        if sent is None:
+            return "queued by an earlier driver of the job"
+        if None not in (sent.epoch, self._epoch) and sent.epoch != self._epoch:
+            return "the broker restarted since it was sent"
+        if now - sent.sent_at > timedelta(seconds=self.redispatch_after_s):
+            return "unclaimed too long"
+        return None
 
 
 def route_by_queue_parameter(task: Any, parameters: dict[str, Any]) -> str | None:

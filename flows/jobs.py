@@ -14,14 +14,14 @@ from celery import Celery
 from prefect import get_run_logger
 from prefect.context import get_run_context
 from prefect.exceptions import TerminationSignal
-from prefect.states import State
+from prefect.states import Cancelled, State
 from sqlalchemy import select
 
 from deepflow import dag, store
 from deepflow.config import Settings
 from deepflow.dag import operators
 from deepflow.flows.driver import JobDriver, final_state, route_by_queue_parameter
-from deepflow.workers.app import make_app
+from deepflow.workers.app import broker_epoch, make_app
 from deepflow.workers.prefect_celery import CeleryTaskRunner
 
 
@@ -71,16 +71,21 @@ def run_job_flow(
         job_id = create_job_for_flow_run(db, kind, spec, tenant, flow_run_id)
     with db.transaction() as session:
         store.attach_flow_run(session, job_id, flow_run_id)
-    get_run_logger().info("driving job %s in process %d", job_id, os.getpid())
+        driver = store.claim_driver(session, job_id)
+    get_run_logger().info("driving job %s in process %d (driver %d)", job_id, os.getpid(), driver)
     runner = CeleryTaskRunner(
         _celery_app(settings), default_queue="cpu", route=route_by_queue_parameter
     )
     try:
         with runner:
-            job = JobDriver(db, job_id, runner).run()
+            job = JobDriver(
+                db, job_id, runner, driver=driver, broker_epoch=broker_epoch(settings)
+            ).run()
     except TerminationSignal:  # Prefect cancelled the flow run (its UI or API): so is the job
         cancel_for_flow_run(db, job_id)
         raise
+    except store.DriverSuperseded as exc:  # this run was given up for dead; a newer one drives
+        return Cancelled(message=str(exc))
     return final_state(job)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_process_init
 
@@ -78,6 +80,26 @@ def make_app(settings: Settings | None = None) -> Celery:
     )
     prefect_celery.register_task(app)
     return app
+
+
+def broker_epoch(settings: Settings) -> Callable[[], str | None]:
+    """A reader of the broker's current life: Redis's ``run_id``, new at each start. Redis
+    run without persistence loses its queues when it restarts, so a message sent in an
+    earlier life is gone. None where it cannot tell (unreachable; the filesystem broker,
+    whose messages are files that outlive its users)."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return lambda: None
+    client = redis.Redis.from_url(
+        settings.broker_url, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+
+    def read() -> str | None:
+        try:
+            return str(client.info("server")["run_id"])
+        except redis.RedisError:
+            return None
+
+    return read
 
 
 @worker_process_init.connect

@@ -64,6 +64,9 @@ class Settings:
     """A running task's lease lasts this long past its last heartbeat."""
     reconcile_interval_s: float = 5.0
     """How often the reconciler looks for expired leases."""
+    driver_ttl_s: float = 30.0
+    """A job whose driver (its flow run) has not passed for this long is handed to a new
+    flow run (DEEPFLOW_DRIVER_TTL_S): its process died."""
     operator_modules: str = ""
     """Comma-separated operator modules to load besides the installed plugins (the
     ``deepflow.operators`` entry points): a development override (DEEPFLOW_OPERATORS)."""
@@ -96,6 +99,7 @@ class Settings:
             prefect_api_url=os.environ.get("DEEPFLOW_PREFECT_API_URL") or None,
             lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
+            driver_ttl_s=_env_float("DEEPFLOW_DRIVER_TTL_S", 30.0),
             operator_modules=os.environ.get("DEEPFLOW_OPERATORS", ""),
             instance_host=os.environ.get("DEEPFLOW_INSTANCE_HOST", "127.0.0.1"),
             max_body_bytes=_env_count("DEEPFLOW_MAX_BODY_BYTES", 8 * 2**20),
@@ -113,6 +117,7 @@ class Settings:
             "DEEPFLOW_API_PORT": str(self.api_port),
             "DEEPFLOW_LEASE_TTL_S": str(self.lease_ttl_s),
             "DEEPFLOW_RECONCILE_INTERVAL_S": str(self.reconcile_interval_s),
+            "DEEPFLOW_DRIVER_TTL_S": str(self.driver_ttl_s),
             "DEEPFLOW_OPERATORS": self.operator_modules,
             "DEEPFLOW_INSTANCE_HOST": self.instance_host,
             "DEEPFLOW_MAX_BODY_BYTES": str(self.max_body_bytes),

@@ -22,10 +22,11 @@ from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed
 from sqlalchemy import select
 
 from deepflow.dag import JobState
-from deepflow.store import Database, Job, attach_flow_run
+from deepflow.store import Database, Job, attach_flow_run, hand_over, orphaned_jobs
 from deepflow.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ class Dispatcher:
 
     def dispatch(self, job_id: str, kind: str) -> str:
         """Create (or find) the job's flow run and record it; returns the flow run id."""
+        flow_run_id = self._create_flow_run(job_id, kind, f"deepflow-job:{job_id}")
+        with self.db.transaction() as session:
+            attach_flow_run(session, job_id, flow_run_id)
+        return flow_run_id
+
+    def _create_flow_run(self, job_id: str, kind: str, key: str) -> str:
+        """A flow run of the kind's deployment for the job (the one already made with
+        ``key``, if any: Prefect's idempotency key)."""
         start = time.monotonic()
         with self._client() as client:
             if kind not in self._deployments:
@@ -71,14 +80,51 @@ class Dispatcher:
             flow_run = client.create_flow_run_from_deployment(
                 self._deployments[kind],
                 parameters={"job_id": job_id},
-                idempotency_key=f"deepflow-job:{job_id}",
+                idempotency_key=key,
                 tags=["deepflow", f"kind:{kind}"],
             )
         if (took := time.monotonic() - start) > SLOW_DISPATCH_S:
             log.warning("Prefect took %.1f s to create the flow run of job %s", took, job_id)
-        with self.db.transaction() as session:
-            attach_flow_run(session, job_id, str(flow_run.id))
         return str(flow_run.id)
+
+    def redrive_orphans(self, silent_s: float) -> list[str]:
+        """Hand each job whose driver has been silent for ``silent_s`` (its flow run's process
+        died) to a new flow run, and mark the old one crashed in Prefect. Returns their ids."""
+        stale_before = utcnow() - timedelta(seconds=silent_s)
+        with self.db.transaction() as session:
+            orphans = orphaned_jobs(session, stale_before)
+        redriven = []
+        for orphan in orphans:
+            # Keyed by the silent run: a repeat finds the same new run, and should that one
+            # die before it starts driving, the next hand-over (after it) makes another.
+            key = f"deepflow-job:{orphan.job_id}:after:{orphan.flow_run_id}"
+            try:
+                flow_run_id = self._create_flow_run(orphan.job_id, orphan.kind, key)
+            except Exception as exc:  # Prefect down: the next pass tries again
+                log.warning("could not redrive job %s yet: %r", orphan.job_id, exc)
+                continue
+            with self.db.transaction() as session:
+                if not hand_over(session, orphan, flow_run_id, stale_before):
+                    continue
+            log.warning(
+                "job %s: its driver (flow run %s) went silent; flow run %s drives it now",
+                orphan.job_id,
+                orphan.flow_run_id,
+                flow_run_id,
+            )
+            redriven.append(orphan.job_id)
+            if orphan.flow_run_id is not None:
+                self._mark_crashed(orphan.flow_run_id, flow_run_id)
+        return redriven
+
+    def _mark_crashed(self, flow_run_id: str, successor: str) -> None:
+        """Show a dead driver's flow run as Crashed in Prefect (it cannot say so itself)."""
+        message = f"its process stopped driving the job; flow run {successor} took it over"
+        try:
+            with self._client() as client:
+                client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+        except Exception as exc:  # only what Prefect's UI shows depends on it
+            log.warning("could not mark flow run %s crashed: %r", flow_run_id, exc)
 
     def try_dispatch(
         self, job_id: str, kind: str, wait_s: float | None = REQUEST_DISPATCH_S

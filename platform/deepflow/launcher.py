@@ -174,6 +174,8 @@ class Stack:
         self.logs = settings.ensure_home() / "logs"
         self.parts: list[Part] = []
         self.extra_env = extra_env or {}
+        self.stopping = False
+        self._lock = threading.Lock()  # a revival and ``stop`` never interleave
 
     def env(self) -> dict[str, str]:
         env = {
@@ -251,9 +253,31 @@ class Stack:
         n = sum(p.name.startswith(f"{queues} worker") for p in self.parts)
         return self._start(f"{queues} worker {n}", argv)
 
+    def revive(self, part: Part) -> Part:
+        """Start a part that exited again, in its place, as a process supervisor would (the
+        Prefect server on its port, so the others find it where they left it). A killed
+        worker's attempts are redone through their expired leases; nothing else is lost."""
+        with self._lock:
+            if self.stopping:
+                return part
+            if part.name == "prefect server":
+                port = self.settings.prefect_port
+                assert port is not None
+                held = claim_port(
+                    PREFECT_HOST, port, PREFECT_PORT_SETTING, "for the Prefect server"
+                )
+                self.parts.remove(part)  # a failed start leaves the new part, to revive again
+                self.start_prefect_server(held)
+                return self.parts[-1]
+            fresh = Part(part.name, part.argv, part.log).start(self.env())
+            self.parts[self.parts.index(part)] = fresh
+            return fresh
+
     def stop(self) -> None:
         """The workers together (each may wait out its running work, up to its grace), then
         the Prefect server they report to."""
+        with self._lock:
+            self.stopping = True
         servers = [p for p in self.parts if p.name == "prefect server"]
         workers = [p for p in reversed(self.parts) if p not in servers]
         for part in workers:
@@ -266,10 +290,14 @@ def platform_reconciler(
     settings: Settings, db: Database, dispatcher: Dispatcher | None = None
 ) -> Reconciler:
     """The reconciler with its passes: expired leases, jobs whose flow run could not be
-    created when they were accepted (with Prefect configured), and the serving supervisor."""
+    created when they were accepted or whose driver died (with Prefect configured), and the
+    serving supervisor."""
     if dispatcher is None and settings.prefect_api_url:
         dispatcher = Dispatcher(db, settings.prefect_api_url)
-    passes = [dispatcher.dispatch_pending] if dispatcher else []
+    passes: list[Callable[[], object]] = []
+    if dispatcher is not None:
+        passes.append(dispatcher.dispatch_pending)
+        passes.append(lambda: dispatcher.redrive_orphans(settings.driver_ttl_s))
     passes.append(Supervisor(db, dispatcher).pass_once)
     return Reconciler(db, settings.reconcile_interval_s, passes)
 
@@ -442,10 +470,39 @@ def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
     print("Ctrl-C (or `deepflow down`) stops everything.", flush=True)
     if model:
         threading.Thread(target=_serve_model, args=(url, key), daemon=True).start()
-    dead: set[str] = set()
-    while not server.should_exit:
-        for part in stack.parts:
-            if not part.alive and part.name not in dead:
-                dead.add(part.name)
-                print(f"!! {part.name} exited; see {part.log}", flush=True)
-        time.sleep(1)
+    _supervise(stack, lambda: bool(server.should_exit))
+
+
+REVIVE_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits before starting a part that exited again: the n-th exit in a row waits the n-th
+(the last thereafter). A part that stayed up for ``REVIVE_RESET_S`` starts the count anew."""
+REVIVE_RESET_S = 60.0
+
+
+def _supervise(stack: Stack, stopping: Callable[[], bool]) -> None:
+    """Start every part that exits again, as systemd's ``Restart=always`` would, saying so."""
+    exits: dict[str, int] = {}
+    started: dict[str, float] = {p.name: time.monotonic() for p in stack.parts}
+    while not stopping():
+        for part in list(stack.parts):
+            if part.alive or stopping():
+                continue
+            code = part.proc.returncode if part.proc is not None else None
+            now = time.monotonic()
+            if now - started.get(part.name, now) > REVIVE_RESET_S:
+                exits[part.name] = 0
+            n = exits.get(part.name, 0)
+            wait_s = REVIVE_BACKOFF_S[min(n, len(REVIVE_BACKOFF_S) - 1)]
+            exits[part.name] = n + 1
+            print(
+                f"!! {part.name} exited (code {code}); starting it again in {wait_s:.0f} s "
+                f"(log: {part.log})",
+                flush=True,
+            )
+            time.sleep(wait_s)
+            try:
+                stack.revive(part)
+            except Exception as exc:  # it counts as one more exit; the next pass tries again
+                print(f"!! {part.name} did not start: {exc}", flush=True)
+            started[part.name] = time.monotonic()
+        time.sleep(0.5)

@@ -12,6 +12,13 @@ from deepflow.store.deployments import (
     list_deployments,
     read_deployment,
 )
+from deepflow.store.drivers import (
+    DriverSuperseded,
+    Orphan,
+    claim_driver,
+    hand_over,
+    orphaned_jobs,
+)
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.instances import (
     create_instance,
@@ -82,6 +89,7 @@ __all__ = [
     "Database",
     "Deployment",
     "DeploymentState",
+    "DriverSuperseded",
     "Event",
     "IllegalTransition",
     "Instance",
@@ -93,6 +101,7 @@ __all__ = [
     "ModelVersion",
     "ModelVersionState",
     "NotFound",
+    "Orphan",
     "Pass",
     "Reconciler",
     "Request",
@@ -103,6 +112,7 @@ __all__ = [
     "attach_flow_run",
     "authenticate",
     "cancel_job",
+    "claim_driver",
     "claim_task",
     "create_api_key",
     "create_deployment",
@@ -114,6 +124,7 @@ __all__ = [
     "expire_leases",
     "fail_task",
     "get_database",
+    "hand_over",
     "heartbeat_task",
     "job_dag",
     "job_edges",
@@ -121,6 +132,7 @@ __all__ = [
     "list_instances",
     "list_jobs",
     "list_models",
+    "orphaned_jobs",
     "queue_task",
     "read_deployment",
     "read_job",

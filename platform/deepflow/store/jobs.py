@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from deepflow.dag import Dag, Decision, JobState, Node, Plan, TaskState, evaluate
+from deepflow.store.drivers import hold_driver
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.orm import Event, Job, Request, Task, TaskEdge
 from deepflow.store.tasks import queue_task
@@ -213,9 +214,11 @@ def cancel_job(
 
 
 def attach_flow_run(session: Session, job_id: str, flow_run_id: str) -> Job:
-    """Record the Prefect flow run that drives the job; a pending job becomes queued."""
+    """Record the Prefect flow run that drives the job; a pending job becomes queued. Once a
+    driver has started (``store.drivers``), another flow run is one the reconciler handed the
+    job to: it takes over."""
     job = lock(session, Job, job_id)
-    if job.flow_run_id not in (None, flow_run_id):
+    if job.flow_run_id not in (None, flow_run_id) and job.driver == 0:
         raise Conflict(
             f"job {job_id} is already driven by flow run {job.flow_run_id}", "job_has_flow_run"
         )
@@ -273,6 +276,7 @@ def drive_job(
     dag: Dag,
     now: datetime | None = None,
     max_active: int | None = None,
+    driver: int | None = None,
 ) -> Pass:
     """``advance_job`` and queue a new attempt of ready tasks, highest priority first, in one
     transaction that holds the job's lock (which guards all its tasks), reading each row once.
@@ -280,12 +284,18 @@ def drive_job(
     ``max_active`` caps the job's tasks queued or running at once (Airflow's
     ``max_active_tasks``): the broker's queues then hold at most that many of one job, so a
     job of thousands of tasks does not stand in front of every job submitted after it. The
-    ready tasks left over stay pending and are queued on later passes."""
+    ready tasks left over stay pending and are queued on later passes.
+
+    ``driver``: the calling driver's number (``store.drivers``); DriverSuperseded if a newer
+    driver holds the job, else the pass is marked as the driver's."""
     job = lock(session, Job, job_id)
+    now = now or utcnow()
+    if driver is not None:
+        hold_driver(job, driver, now)
     tasks = _tasks(session, job_id)
     if job.state.is_terminal:
         return Pass(job, tasks, [])
-    decision = _apply(session, job, dag, tasks, now or utcnow())
+    decision = _apply(session, job, dag, tasks, now)
     ready = decision.ready
     if max_active is not None:
         ready = ready[: max(max_active - sum(t.state in ACTIVE for t in tasks), 0)]

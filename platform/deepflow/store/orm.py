@@ -139,6 +139,11 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    driver: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many flow runs have started driving the job: the newest (this number) holds it,
+    and an older one that wakes up stops (``store.drivers``)."""
+    driver_seen_at: Mapped[datetime | None]
+    """The holding driver's last pass: a job whose driver stopped passing is driven again."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
