@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ class Rig:
     def __init__(self, root: Path, model_folder: Path, disk_bytes: int | None = None) -> None:
         self.root = root
         self.model_folder = model_folder
-        self.pg = Postgres(root / "pg")
+        self.pg = Postgres()
         self.redis = Redis(root / "redis")
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -310,8 +311,9 @@ class Rig:
             stop_local_instances(self.db)
             self.db.dispose()
         self.redis.kill()
-        self.pg.stop()
-        if self.tmpfs:
+        self.pg.remove()
+        if self.tmpfs:  # the logs outlive the disk they were on
+            shutil.copytree(self.home / "logs", self.root / "logs", dirs_exist_ok=True)
             subprocess.run(["umount", "-l", str(self.home)], capture_output=True)
 
     # -- the load -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,14 +42,15 @@ class Postgres:
     """A throw-away cluster: fsync off (a crash of the machine is not a fault we inject);
     ``restart`` is an immediate shutdown (no checkpoint: the WAL replays, as after a crash)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data = root / "data"
+    def __init__(self) -> None:
+        # A folder of its own under the system's temporary folder: the cluster's owner must
+        # reach it (pytest's folders are private to root).
+        self.root = Path(tempfile.mkdtemp(prefix="deepflow-faults-pg-"))
+        self.data = self.root / "data"
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-        root.mkdir(parents=True, exist_ok=True)
         if os.getuid() == 0:
-            shutil.chown(root, POSTGRES_USER)
+            shutil.chown(self.root, POSTGRES_USER)
         subprocess.run(
             _as_cluster_owner(
                 ["initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync"]
@@ -78,6 +80,14 @@ class Postgres:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def remove(self) -> None:
+        """Stop it if it runs, and delete the cluster."""
+        subprocess.run(
+            _as_cluster_owner(["pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Redis:

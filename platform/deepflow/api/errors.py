@@ -3,7 +3,7 @@
 Every failure the API returns goes through here, so clients (the official ``openai``
 package included) see the shape and status they expect: 400 for a bad request, 401 for a
 missing or wrong key, 404 for what does not exist (or belongs to another tenant), 409 for a
-conflict with the current state.
+conflict with the current state, 503 (with Retry-After) while the database is unreachable.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepflow.dag import DagError
@@ -22,6 +23,9 @@ from deepflow.openai_errors import error_response, format_loc
 from deepflow.store import Conflict, NotFound
 
 log = logging.getLogger(__name__)
+
+STORE_RETRY_AFTER_S = 1
+"""Retry-After of a 503 answered while the database is unreachable (a restart)."""
 
 __all__ = ["APIError", "error_response", "install"]
 
@@ -81,6 +85,17 @@ def install(app: FastAPI) -> None:
                 f"{served} (see /docs)"
             )
         return error_response(exc.status_code, message, None, code)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _store_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        # A database restart or failover: nothing was done, and a retry will do it.
+        log.warning("the database is unreachable: %s", str(exc).splitlines()[0])
+        response = error_response(
+            503, "the store is unavailable for a moment; retry", None, "store_unavailable"
+        )
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
