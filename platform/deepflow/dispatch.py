@@ -26,7 +26,14 @@ from prefect.states import Crashed
 from sqlalchemy import select
 
 from deepflow.dag import JobState
-from deepflow.store import Database, Job, attach_flow_run, hand_over, orphaned_jobs
+from deepflow.store import (
+    Database,
+    Job,
+    attach_flow_run,
+    hand_over,
+    orphaned_jobs,
+    undriven_jobs,
+)
 from deepflow.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -89,10 +96,13 @@ class Dispatcher:
 
     def redrive_orphans(self, silent_s: float) -> list[str]:
         """Hand each job whose driver has been silent for ``silent_s`` (its flow run's process
-        died) to a new flow run, and mark the old one crashed in Prefect. Returns their ids."""
+        died), or whose flow run Prefect ended before it drove the job, to a new flow run, and
+        mark the old one crashed in Prefect. Returns their ids."""
         stale_before = utcnow() - timedelta(seconds=silent_s)
         with self.db.transaction() as session:
             orphans = orphaned_jobs(session, stale_before)
+            undriven = undriven_jobs(session, stale_before)
+        orphans += [o for o in undriven if self._run_ended(o.flow_run_id)]
         redriven = []
         for orphan in orphans:
             # Keyed by the silent run: a repeat finds the same new run, and should that one
@@ -116,6 +126,18 @@ class Dispatcher:
             if orphan.flow_run_id is not None:
                 self._mark_crashed(orphan.flow_run_id, flow_run_id)
         return redriven
+
+    def _run_ended(self, flow_run_id: str | None) -> bool:
+        """Whether Prefect ended the flow run (a worker that could not start it crashes it)."""
+        if flow_run_id is None:
+            return False
+        try:
+            with self._client() as client:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+        except Exception as exc:  # Prefect down: the next pass asks again
+            log.warning("could not read flow run %s: %r", flow_run_id, exc)
+            return False
+        return state is not None and state.is_final()
 
     def _mark_crashed(self, flow_run_id: str, successor: str) -> None:
         """Show a dead driver's flow run as Crashed in Prefect (it cannot say so itself)."""

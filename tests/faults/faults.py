@@ -34,6 +34,8 @@ def restart_redis(rig: Rig, load: Load) -> None:
 
 def restart_postgres(rig: Rig, load: Load) -> None:
     rig.pg.restart()
+    assert rig.db is not None
+    rig.db.engine.dispose()  # the rig's own pooled connections died with the server
 
 
 def restart_api(rig: Rig, load: Load) -> None:
@@ -87,7 +89,7 @@ def fill_disk(rig: Rig, load: Load) -> Callable[[], None]:
     assert rig.tmpfs, "the rig's home is not on a disk of its own"
     ballast = rig.home / "ballast"
     chunk = b"\0" * 2**20
-    with open(ballast, "wb") as f:
+    with open(ballast, "wb", buffering=0) as f:
         while True:
             try:
                 f.write(chunk)
@@ -112,7 +114,7 @@ FAULTS: dict[str, Callable[[Rig, Load], Callable[[], None] | None]] = {
     "restart PostgreSQL (immediate)": restart_postgres,
     "SIGKILL the Prefect server": _kill_part("prefect server start"),
     "restart the API": restart_api,
-    "SIGKILL deepflow up, start it again": kill_up,
     "fill the KV cache": fill_kv_cache,
     "fill the disk": fill_disk,
+    "SIGKILL deepflow up, start it again": kill_up,
 }

@@ -17,8 +17,10 @@ from tests.faults.servers import tools_present
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
 
 ROWS: list[Row] = []
-BEFORE_S, AFTER_S = 2.0, 6.0
-DISK_BYTES = 512 * 2**20
+BEFORE_S, AFTER_S = 2.0, 5.0
+DISK_BYTES = 4 * 2**30
+"""The home's disk (a tmpfs: memory only as used): Prefect's database grows ~0.5 GB over a
+full run."""
 
 
 @pytest.fixture(scope="module")

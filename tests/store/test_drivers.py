@@ -18,6 +18,7 @@ from deepflow.store import (
     hand_over,
     job_dag,
     orphaned_jobs,
+    undriven_jobs,
 )
 from deepflow.store.types import utcnow
 
@@ -66,3 +67,18 @@ def test_a_job_whose_flow_run_never_started_is_no_orphan(db: Database) -> None:
         job, _ = create_job(s, tenant.id, dag.plan("dag", SPEC), "dag", None)
         attach_flow_run(s, job.id, "run-1")  # Prefect holds the run; its worker is down
         assert orphaned_jobs(s, utcnow() + timedelta(days=1)) == []
+
+
+def test_a_job_whose_flow_run_never_drove_it_is_asked_about_once_old(db: Database) -> None:
+    """Prefect may end a run it never started (a worker that failed to submit it): such a
+    job is listed for the dispatcher to ask Prefect, and can be handed over."""
+    with db.transaction() as s:
+        tenant = ensure_tenant(s, "acme")
+        job, _ = create_job(s, tenant.id, dag.plan("dag", SPEC), "dag", None)
+        attach_flow_run(s, job.id, "run-1")
+        assert undriven_jobs(s, utcnow() - timedelta(seconds=60)) == []  # too young to ask
+        later = utcnow() + timedelta(seconds=60)
+        (orphan,) = undriven_jobs(s, later)
+        assert (orphan.job_id, orphan.flow_run_id, orphan.driver) == (job.id, "run-1", 0)
+        assert hand_over(s, orphan, "run-2", later)
+        assert undriven_jobs(s, later) == []  # run-2 holds it now (seen at the hand-over)

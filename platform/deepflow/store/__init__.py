@@ -18,6 +18,7 @@ from deepflow.store.drivers import (
     claim_driver,
     hand_over,
     orphaned_jobs,
+    undriven_jobs,
 )
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.instances import (
@@ -148,4 +149,5 @@ __all__ = [
     "set_task_state",
     "stale_instances",
     "succeed_task",
+    "undriven_jobs",
 ]

@@ -67,13 +67,30 @@ def orphaned_jobs(session: Session, stale_before: datetime, limit: int = 100) ->
     return [Orphan(*row) for row in rows]
 
 
+def undriven_jobs(session: Session, created_before: datetime, limit: int = 100) -> list[Orphan]:
+    """Jobs with a flow run that has never started driving them, created before
+    ``created_before``: their run may still be waiting for a worker, or Prefect may have
+    ended it without starting it (a worker that failed to submit it); the caller asks."""
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.flow_run_id, Job.driver)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.flow_run_id.is_not(None),
+            Job.driver_seen_at.is_(None),
+            Job.created_at < created_before,
+        )
+        .limit(limit)
+    ).all()
+    return [Orphan(*row) for row in rows]
+
+
 def hand_over(session: Session, orphan: Orphan, flow_run_id: str, stale_before: datetime) -> bool:
     """Record ``flow_run_id`` as the job's next driver if it is still the orphan found (same
     driver, still silent, not finished). Its silence restarts now, so the job is not handed
     over again before the new flow run could start (a repeat would find the same run:
     its creation is keyed by the driver number)."""
     job = lock(session, Job, orphan.job_id)
-    silent = job.driver_seen_at is not None and job.driver_seen_at < stale_before
+    silent = job.driver_seen_at is None or job.driver_seen_at < stale_before
     if job.state.is_terminal or job.driver != orphan.driver or not silent:
         return False
     job.flow_run_id = flow_run_id
