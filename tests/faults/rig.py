@@ -55,7 +55,7 @@ CHAT_TIMEOUT_S = 60.0
 """A chat that has not ended this long after it was sent is lost (it hangs)."""
 SETTLE_S = 180.0
 """The most the rig waits, after the load stops, for every accepted job to end."""
-RECOVERY_S = 120.0
+RECOVERY_S = 180.0
 """The most the platform may take to serve a job and a chat again after a fault."""
 KV_BLOCKS = 24
 """The deployment's KV cache, in blocks of 16 tokens: small, so a burst can fill it."""
