@@ -83,10 +83,11 @@ class JobDriver:
     _wake: threading.Event = field(default_factory=threading.Event)
     _sent: dict[str, _Sent] = field(default_factory=dict)
     _epoch: str | None = None
+    _epoch_read_at: float = float("-inf")
 
     def run(self) -> Job:
         """Drive the job until it is terminal; returns the final job row."""
-        self._epoch = self.broker_epoch()
+        self._read_epoch()
         try:
             while True:
                 self._wake.clear()
@@ -142,7 +143,7 @@ class JobDriver:
         now = utcnow()
         timeout = self.poll_s
         if any(t.state is TaskState.QUEUED for t in tasks):
-            self._epoch = self.broker_epoch()
+            self._read_epoch()
         for t in tasks:
             sent = self._sent.get(t.id)
             if sent is not None and (sent.attempt != t.attempt or t.state.is_terminal):
@@ -153,6 +154,13 @@ class JobDriver:
             if t.state is TaskState.UP_FOR_RETRY and t.next_attempt_at is not None:
                 timeout = min(timeout, max((t.next_attempt_at - now).total_seconds(), 0.01))
         return timeout
+
+    def _read_epoch(self) -> None:
+        """Ask the broker for its life at most once a ``poll_s``: passes come as fast as
+        attempts finish, and each read is a round trip."""
+        if time.monotonic() - self._epoch_read_at >= self.poll_s:
+            self._epoch = self.broker_epoch()
+            self._epoch_read_at = time.monotonic()
 
     def _lost(self, sent: _Sent | None, now: datetime) -> str | None:
         """Why a queued attempt's message may be lost, or None."""

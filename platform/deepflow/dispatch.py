@@ -21,6 +21,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 from sqlalchemy import select
@@ -102,7 +103,8 @@ class Dispatcher:
         with self.db.transaction() as session:
             orphans = orphaned_jobs(session, stale_before)
             undriven = undriven_jobs(session, stale_before)
-        orphans += [o for o in undriven if self._run_ended(o.flow_run_id)]
+        ended = self._ended_runs([o.flow_run_id for o in undriven if o.flow_run_id])
+        orphans += [o for o in undriven if o.flow_run_id in ended]
         redriven = []
         for orphan in orphans:
             # Keyed by the silent run: a repeat finds the same new run, and should that one
@@ -127,17 +129,19 @@ class Dispatcher:
                 self._mark_crashed(orphan.flow_run_id, flow_run_id)
         return redriven
 
-    def _run_ended(self, flow_run_id: str | None) -> bool:
-        """Whether Prefect ended the flow run (a worker that could not start it crashes it)."""
-        if flow_run_id is None:
-            return False
+    def _ended_runs(self, flow_run_ids: list[str]) -> set[str]:
+        """Those of the flow runs that Prefect ended (a worker that could not start one
+        crashes it), in one request."""
+        if not flow_run_ids:
+            return set()
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids]))
         try:
             with self._client() as client:
-                state = client.read_flow_run(UUID(flow_run_id)).state
+                found = client.read_flow_runs(flow_run_filter=runs, limit=len(flow_run_ids))
         except Exception as exc:  # Prefect down: the next pass asks again
-            log.warning("could not read flow run %s: %r", flow_run_id, exc)
-            return False
-        return state is not None and state.is_final()
+            log.warning("could not read %d flow runs: %r", len(flow_run_ids), exc)
+            return set()
+        return {str(r.id) for r in found if r.state is not None and r.state.is_final()}
 
     def _mark_crashed(self, flow_run_id: str, successor: str) -> None:
         """Show a dead driver's flow run as Crashed in Prefect (it cannot say so itself)."""

@@ -77,7 +77,7 @@ def usage_lines(api_url: str, key: str) -> list[str]:
         f"-H 'Content-Type: application/json' -d '{body}'"
     )
     client = (  # this interpreter: plain `python` may be another, without openai
-        f'{sys.executable} -c "import openai; '
+        f"{sys.executable} -c \"import openai; "
         f"c = openai.OpenAI(base_url='{api_url}/v1', api_key='{key}'); "
         f"print(c.chat.completions.create(model='{MODEL}', max_tokens=16, "
         "messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\""

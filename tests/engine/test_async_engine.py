@@ -137,9 +137,8 @@ async def test_invalid_requests_raise_in_the_caller_and_change_nothing(make_asyn
 async def test_abort_from_outside_ends_the_stream(make_async):
     engine = make_async()
     outs = []
-    async for out in engine.generate(
-        "Hi", SamplingParams(max_tokens=500, ignore_eos=True), request_id="r"
-    ):
+    async for out in engine.generate("Hi", SamplingParams(max_tokens=500, ignore_eos=True),
+                                     request_id="r"):
         outs.append(out)
         if len(outs) == 2:
             await engine.abort("r")

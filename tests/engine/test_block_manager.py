@@ -165,10 +165,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         return self.next_id
 
-    @rule(
-        prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]),
-        tail=st.lists(st.integers(0, 3), min_size=1, max_size=9),
-    )
+    @rule(prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]),
+          tail=st.lists(st.integers(0, 3), min_size=1, max_size=9))
     def admit(self, prefix, tail):
         seq = make_seq(prefix + tail, self._new_id())
         hits = self.bm.match_prefix(seq.token_ids)

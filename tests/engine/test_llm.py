@@ -32,9 +32,8 @@ def test_generate_keeps_prompt_order_and_accepts_text_or_token_ids(llm):
     assert len(single) == 1 and single[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     one_ids = llm.generate(ids[2], GREEDY, use_tqdm=False)
     assert one_ids[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
-    as_dicts = llm.generate(
-        [{"prompt": prompts[0]}, {"prompt_token_ids": ids[0]}], GREEDY, use_tqdm=False
-    )
+    as_dicts = llm.generate([{"prompt": prompts[0]}, {"prompt_token_ids": ids[0]}], GREEDY,
+                            use_tqdm=False)
     assert as_dicts[0].outputs[0].token_ids == as_dicts[1].outputs[0].token_ids
 
 
@@ -69,25 +68,18 @@ def test_priorities_and_seeded_batches(llm):
     (32 tokens), so the prompts' first tokens come one step apart, in priority order,
     whichever order they arrived in. A seeded sample is the same in a batch as alone."""
     for run, priority in enumerate(([1, 0, -1], [-1, 0, 1])):
-        prompts = [
-            f"run {run} prompt {k}: " + " ".join(f"w{run}{k}{i}" for i in range(12))
-            for k in range(3)
-        ]  # distinct: no prefix cache hit shortens a prefill
+        prompts = [f"run {run} prompt {k}: " + " ".join(f"w{run}{k}{i}" for i in range(12))
+                   for k in range(3)]  # distinct: no prefix cache hit shortens a prefill
         outs = llm.generate(prompts, GREEDY, use_tqdm=False, priority=priority)
         assert all(len(o.prompt_token_ids) > 32 for o in outs)
         first_tokens = [o.metrics.first_token_time for o in outs]
         assert len(set(first_tokens)) == 3
         assert sorted(range(3), key=first_tokens.__getitem__) == sorted(
-            range(3), key=priority.__getitem__
-        )
+            range(3), key=priority.__getitem__)
     seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=6)
     alone = llm.generate(["Once upon"], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    batch = llm.generate(
-        ["x y z", "Once upon", "Hello"],
-        [GREEDY, seeded, GREEDY],
-        use_tqdm=False,
-        priority=[1, 0, -1],
-    )
+    batch = llm.generate(["x y z", "Once upon", "Hello"], [GREEDY, seeded, GREEDY],
+                         use_tqdm=False, priority=[1, 0, -1])
     assert batch[1].outputs[0].token_ids == alone
 
 

@@ -57,13 +57,8 @@ def test_off_switches_are_valid():
     (greedy, the chosen token's logprob only, seed 0) is accepted and kept as given (seed 0
     is a seed, not None), and leaves every other field at its default."""
     default = SamplingParams()
-    switches = {
-        "top_k": [-1, 0],
-        "max_tokens": [None],
-        "temperature": [0],
-        "logprobs": [0],
-        "seed": [0],
-    }
+    switches = {"top_k": [-1, 0], "max_tokens": [None], "temperature": [0], "logprobs": [0],
+                "seed": [0]}
     for name, values in switches.items():
         for value in values:
             p = SamplingParams(**{name: value})
@@ -73,8 +68,4 @@ def test_off_switches_are_valid():
     together = SamplingParams(top_k=-1, max_tokens=None, temperature=0, logprobs=0, seed=0)
     assert together.greedy
     assert (together.top_k, together.max_tokens, together.logprobs, together.seed) == (
-        -1,
-        None,
-        0,
-        0,
-    )
+        -1, None, 0, 0)

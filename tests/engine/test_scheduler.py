@@ -218,12 +218,8 @@ def test_random_workloads_finish_within_limits_and_never_preempt_the_most_import
 ):
     if not chunked:
         budget = max(budget, 20)
-    sim = Sim(
-        num_blocks=num_blocks,
-        max_num_batched_tokens=budget,
-        enable_chunked_prefill=chunked,
-        max_num_seqs=max_num_seqs,
-    )
+    sim = Sim(num_blocks=num_blocks, max_num_batched_tokens=budget,
+              enable_chunked_prefill=chunked, max_num_seqs=max_num_seqs)
     pending = sorted(enumerate(workload), key=lambda x: x[1][3])
     for step in range(2000):
         while pending and pending[0][1][3] <= step:

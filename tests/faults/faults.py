@@ -6,12 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 from tests.faults.rig import Load, Rig
+from tests.replicas.conftest import port_free
 
 
 def _kill_part(marker: str) -> Callable[[Rig, Load], None]:
@@ -45,16 +45,6 @@ def restart_api(rig: Rig, load: Load) -> None:
     rig.start_api()
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def kill_up(rig: Rig, load: Load) -> None:
     """SIGKILL ``deepflow up`` (its parts follow it: each dies with its parent), then start
     it again on the same home, as a user or a supervisor would."""
@@ -62,7 +52,7 @@ def kill_up(rig: Rig, load: Load) -> None:
     rig.up_proc.kill()
     rig.up_proc.wait()
     deadline = time.monotonic() + 60
-    while not all(_port_free(p) for p in (rig.up_port, rig.prefect_port)):
+    while not all(port_free(p) for p in (rig.up_port, rig.prefect_port)):
         assert time.monotonic() < deadline, "the parts of the killed `up` kept its ports"
         time.sleep(0.2)
     rig.start_up()

@@ -33,22 +33,12 @@ from sqlalchemy import select
 
 from deepflow.launcher import free_port
 from deepflow.replicas.supervisor import stop_local_instances
-from deepflow.store import (
-    Database,
-    Event,
-    Instance,
-    Job,
-    ModelVersionState,
-    Task,
-    ensure_tenant,
-    register_model_version,
-    set_model_version_state,
-)
+from deepflow.store import Database, Event, Instance, Job, Task
 from deepflow.store.orm import TaskLog
 from tests.faults.servers import Postgres, Redis
+from tests.replicas.conftest import MODEL, live_processes, register_model
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "tiny"
 TENANT = "default"  # the tenant of the key `deepflow up` makes
 TERMINAL = {"succeeded", "failed", "cancelled"}
 CHAT_TIMEOUT_S = 60.0
@@ -131,16 +121,12 @@ def table(rows: list[Row]) -> str:
 def _children(pid: int) -> dict[int, str]:
     """The live child processes of ``pid``, with their command lines."""
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for child, parent, _ in live_processes():
+        if parent != pid:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            if fields[0] == "Z" or int(fields[1]) != pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                found[child] = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
     return found
@@ -203,10 +189,7 @@ class Rig:
         self.key = (self.home / "api_key").read_text().strip()
         self.db = Database(self.pg.url)
         self.start_api()
-        with self.db.transaction() as s:
-            owner = ensure_tenant(s, TENANT)
-            version = register_model_version(s, owner.id, MODEL, str(self.model_folder))
-            set_model_version_state(s, version.id, ModelVersionState.READY)
+        register_model(self.db, self.model_folder, TENANT)
         r = self.http.post(
             f"{self.url}/v1/deployments",
             json={
@@ -410,9 +393,7 @@ class Rig:
         stop = threading.Event()
 
         def jobs() -> None:
-            n = 0
             while not stop.is_set():
-                n += 1
                 self.submit(load, self.job_spec(f"{uuid.uuid4().hex[:8]}"))
                 stop.wait(job_every_s)
 

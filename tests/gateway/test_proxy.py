@@ -104,9 +104,7 @@ def test_a_refused_connection_takes_the_instance_out_of_rotation() -> None:
     async def run() -> None:
         async with server(_answers) as good:
             route = Route(
-                "dep",
-                InOrder(),
-                [Endpoint("a", refused_address()), Endpoint("b", good)],  # type: ignore[arg-type]
+                "dep", InOrder(), [Endpoint("a", refused_address()), Endpoint("b", good)]  # type: ignore[arg-type]
             )
             assert await forward(route) == 200
             assert route.endpoints[0].down_until > 0.0

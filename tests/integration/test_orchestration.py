@@ -266,3 +266,4 @@ def test_flow_runs_start_when_scheduled_not_at_the_next_poll(platform: Platform)
         states = client.read_flow_run_states(job["flow_run_id"])
     at = {s.type.value: s.timestamp for s in reversed(states)}  # first of each type
     assert (at["PENDING"] - at["SCHEDULED"]).total_seconds() < 10, at
+

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from deepflow.store import (
+    Database,
     ModelVersionState,
     ensure_tenant,
     register_model_version,
@@ -28,8 +29,9 @@ then a deploy job (dispatch, the weights check, a cold daemon start, its health 
 25 s on the 2-core VM under load), with room for one failed job and its retry 30 s later."""
 
 
-def register_model(platform: Platform, folder: Path, tenant: str = "acme") -> None:
-    with platform.db.transaction() as s:
+def register_model(db: Database, folder: Path, tenant: str = "acme") -> None:
+    """``folder`` as the tenant's ready model MODEL."""
+    with db.transaction() as s:
         owner = ensure_tenant(s, tenant)
         version = register_model_version(s, owner.id, MODEL, str(folder))
         set_model_version_state(s, version.id, ModelVersionState.READY)
@@ -41,7 +43,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
     folder = make_test_model(tmp_path_factory.mktemp("model") / MODEL, "llama", "tiny")
     with platform_up("embedded", tmp_path_factory.mktemp("serving"), workers=2) as platform:
-        register_model(platform, folder)
+        register_model(platform.db, folder)
         yield platform
 
 
@@ -69,9 +71,8 @@ def wait_deployment(
         time.sleep(0.3)
 
 
-def group_members(pgid: int) -> list[int]:
-    """The live processes (not zombies) of process group ``pgid``."""
-    members = []
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process (zombies left out)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -80,9 +81,13 @@ def group_members(pgid: int) -> list[int]:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+        if fields[0] != "Z":
+            yield int(entry), int(fields[1]), int(fields[2])
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def port_free(port: int) -> bool:

@@ -75,6 +75,7 @@ def _log(db: Database, task: Task) -> Any:
         return read_task_logs(s, task.tenant_id, task.job_id, name)[-1]
 
 
+
 def test_output_and_everything_the_attempt_writes_come_back(db: Database, settings: Settings):
     task = _queue(db, {"name": "r", "operator": "test.report", "args": {"tag": "one"}})
     output = execute_task(task.id, task.attempt, settings)

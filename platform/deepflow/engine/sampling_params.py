@@ -57,53 +57,30 @@ class SamplingParams:
     def _check_numbers(self) -> None:
         checks = [
             (_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"),
-            (
-                _is_real(self.temperature) and self.temperature >= 0,
-                f"temperature must be >= 0, got {self.temperature!r}",
-            ),
-            (
-                _is_real(self.top_p) and 0 < self.top_p <= 1,
-                f"top_p must be in (0, 1], got {self.top_p!r}",
-            ),
-            (
-                _is_int(self.top_k) and self.top_k >= -1,
-                f"top_k must be -1, 0 (off) or a positive int, got {self.top_k!r}",
-            ),
-            (
-                _is_real(self.min_p) and 0 <= self.min_p <= 1,
-                f"min_p must be in [0, 1], got {self.min_p!r}",
-            ),
-            (
-                _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
-            ),
-            (
-                _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}",
-            ),
-            (
-                _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}",
-            ),
+            (_is_real(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0, got {self.temperature!r}"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1,
+             f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (_is_int(self.top_k) and self.top_k >= -1,
+             f"top_k must be -1, 0 (off) or a positive int, got {self.top_k!r}"),
+            (_is_real(self.min_p) and 0 <= self.min_p <= 1,
+             f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (_is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
+            (_is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (_is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
             (self.seed is None or _is_int(self.seed), f"seed must be an int, got {self.seed!r}"),
-            (
-                self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-                f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}",
-            ),
-            (
-                _is_int(self.min_tokens) and self.min_tokens >= 0,
-                f"min_tokens must be an int >= 0, got {self.min_tokens!r}",
-            ),
-            (
-                self.max_tokens is None
-                or not _is_int(self.min_tokens)
-                or self.min_tokens <= self.max_tokens,
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
-            ),
-            (
-                self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-                f"logprobs must be an int >= 0 or None, got {self.logprobs!r}",
-            ),
+            (self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+             f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}"),
+            (_is_int(self.min_tokens) and self.min_tokens >= 0,
+             f"min_tokens must be an int >= 0, got {self.min_tokens!r}"),
+            (self.max_tokens is None or not _is_int(self.min_tokens)
+             or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             f"logprobs must be an int >= 0 or None, got {self.logprobs!r}"),
             (self.prompt_logprobs is None, "prompt_logprobs is not supported yet"),
         ]
         for ok, message in checks:

@@ -2,8 +2,9 @@
 it; a driver can die with its process (a killed Prefect worker, a killed ``deepflow up``)
 and nothing else would move the job on. So each driver, on starting, takes the job by
 number (``claim_driver``) and marks each pass (``hold_driver``); the reconciler finds jobs
-whose driver stopped passing (``orphaned_jobs``) and hands them to a new flow run
-(``hand_over``). A driver that was only slow finds a newer number on its next pass and
+whose driver stopped passing (``orphaned_jobs``), or whose flow run never started driving
+(``undriven_jobs``, for it to ask Prefect whether the run ended), and hands them to a new
+flow run (``hand_over``). A driver that was only slow finds a newer number on its next pass and
 stops: two drivers never advance one job past each other, and attempts they both send are
 fenced by attempt number anyway.
 """
@@ -88,7 +89,7 @@ def hand_over(session: Session, orphan: Orphan, flow_run_id: str, stale_before: 
     """Record ``flow_run_id`` as the job's next driver if it is still the orphan found (same
     driver, still silent, not finished). Its silence restarts now, so the job is not handed
     over again before the new flow run could start (a repeat would find the same run:
-    its creation is keyed by the driver number)."""
+    its creation is keyed by the silent run it replaces)."""
     job = lock(session, Job, orphan.job_id)
     silent = job.driver_seen_at is None or job.driver_seen_at < stale_before
     if job.state.is_terminal or job.driver != orphan.driver or not silent:

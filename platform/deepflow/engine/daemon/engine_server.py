@@ -295,3 +295,4 @@ async def collect_or_abort(request: Request, stream: Admitted) -> dict[int, Requ
 
 def engine_dead(exc: EngineDeadError) -> OpenAIError:
     return OpenAIError(500, f"the engine failed: {exc}", code="engine_dead")
+
