@@ -105,6 +105,6 @@ FAULTS: dict[str, Callable[[Rig, Load], Callable[[], None] | None]] = {
     "SIGKILL the Prefect server": _kill_part("prefect server start"),
     "restart the API": restart_api,
     "fill the KV cache": fill_kv_cache,
-    "fill the disk": fill_disk,
     "SIGKILL deepflow up, start it again": kill_up,
+    "fill the disk": fill_disk,  # last: the platform does not recover from it yet
 }

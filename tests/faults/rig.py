@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,8 @@ class Row:
     chats_ok: int
     requests_failed_cleanly: int
     requests_lost: int
-    recovery_s: float
+    recovery_s: float | None
+    """None: the platform did not serve again within the round's bound."""
     problems: list[str]
 
     HEADER = (
@@ -106,7 +107,7 @@ class Row:
             str(self.chats_ok),
             str(self.requests_failed_cleanly),
             str(self.requests_lost),
-            f"{self.recovery_s:.1f}",
+            "not recovered" if self.recovery_s is None else f"{self.recovery_s:.1f}",
         )
 
 
@@ -293,11 +294,27 @@ class Rig:
         if self.db is not None:
             stop_local_instances(self.db)
             self.db.dispose()
+        self._kill_leftovers()
         self.redis.kill()
         self.pg.remove()
         if self.tmpfs:  # the logs outlive the disk they were on
             shutil.copytree(self.home / "logs", self.root / "logs", dirs_exist_ok=True)
             subprocess.run(["umount", "-l", str(self.home)], capture_output=True)
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL any process still running with the rig's DEEPFLOW_HOME in its environment
+        (every part, flow run, worker and daemon inherits it): a round that broke the platform
+        must not leave processes that load the machine for the tests after it."""
+        marker = f"DEEPFLOW_HOME={self.home}".encode()
+        for pid, _, _ in live_processes():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    ours = marker in f.read().split(b"\0")
+            except OSError:
+                continue
+            if ours and pid != os.getpid():
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     # -- the load -----------------------------------------------------------------------
     def job_spec(self, tag: str) -> dict[str, Any]:
@@ -418,10 +435,10 @@ class Rig:
                 t.join(CHAT_TIMEOUT_S + 70)
 
     # -- checks -------------------------------------------------------------------------
-    def recover(self, since: float) -> float:
+    def recover(self, since: float, bound_s: float = RECOVERY_S) -> float | None:
         """Seconds from ``since`` (the fault) until a new job finishes and a chat completes
         with the deployment at its replica count."""
-        deadline = since + RECOVERY_S
+        deadline = since + bound_s
         probe = Load()
         job_done = chat_done = False
         while time.monotonic() < deadline:
@@ -434,10 +451,7 @@ class Rig:
             if job_done and chat_done and self.deployment_ready():
                 return time.monotonic() - since
             time.sleep(0.3)
-        raise AssertionError(
-            f"not recovered {RECOVERY_S:.0f} s after the fault: job {job_done}, chat {chat_done}, "
-            f"deployment {self.deployment_ready()}"
-        )
+        return None
 
     def wait_job(self, job_id: str, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -450,9 +464,9 @@ class Rig:
             time.sleep(0.2)
         return "unfinished"
 
-    def settle(self, load: Load) -> dict[str, str]:
-        """Every accepted job's end state (or where it got stuck), waiting up to SETTLE_S."""
-        deadline = time.monotonic() + SETTLE_S
+    def settle(self, load: Load, bound_s: float = SETTLE_S) -> dict[str, str]:
+        """Every accepted job's end state (or where it got stuck), waiting up to ``bound_s``."""
+        deadline = time.monotonic() + bound_s
         return {job_id: self.wait_job(job_id, deadline) for job_id in load.jobs}
 
     def audit(self, job_ids: list[str]) -> tuple[int, list[str]]:
@@ -517,9 +531,18 @@ class Rig:
                     problems.append(f"{path.name}: attempts in {a} and {b} ran at once")
         return problems
 
-    def round(self, fault: str, inject: Inject, before_s: float, after_s: float) -> Row:
+    def round(
+        self,
+        fault: str,
+        inject: Inject,
+        before_s: float,
+        after_s: float,
+        recovery_s: float = RECOVERY_S,
+        settle_s: float = SETTLE_S,
+    ) -> Row:
         """Load for ``before_s``, the fault, load for ``after_s`` (then the fault is healed,
-        if it is one that lasts), and the checks."""
+        if it is one that lasts), and the checks, waiting at most ``recovery_s`` for the
+        platform to serve again and ``settle_s`` more for the accepted jobs to end."""
         with self.load() as load:
             time.sleep(before_s)
             injected = time.monotonic()
@@ -527,9 +550,11 @@ class Rig:
             time.sleep(after_s)
             if heal is not None:
                 heal()
-        recovery = self.recover(injected)
-        states = self.settle(load)
+        recovery = self.recover(injected, recovery_s)
+        states = self.settle(load, settle_s)
         retried, problems = self.audit(load.jobs)
+        if recovery is None:
+            problems.append(f"no new job finished within {recovery_s:.0f} s of the fault")
         unfinished = [j for j, s in states.items() if s not in TERMINAL]
         if unfinished:
             problems.append(f"{len(unfinished)} accepted jobs never ended: {unfinished[:5]}")

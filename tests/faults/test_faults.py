@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import require
 from tests.faults.faults import FAULTS
-from tests.faults.rig import Rig, Row
+from tests.faults.rig import RECOVERY_S, SETTLE_S, Rig, Row
 from tests.faults.servers import tools_present
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]
@@ -47,9 +47,14 @@ KNOWN = {
     "fill the disk": "after DEEPFLOW_HOME's disk was full for 5 s and freed again, no new job "
     "finished within the recovery bound (Prefect's SQLite database is on that disk); "
     "restarting `up` recovers it",
+    "SIGKILL deepflow up, start it again": "after `up` is killed and started again, no new job "
+    "finished within 180 s in 2 of 3 runs on 2026-12-07 (one recovered in 91 s): the "
+    "restarted platform does not always take up new jobs; the cause is not found yet",
 }
 """Faults whose round fails today, each a known defect of issue 18 still to fix: they run
 and print their row, and fail no build until fixed (an unexpected pass shows as XPASS)."""
+KNOWN_BOUNDS_S = (60.0, 30.0)
+"""Recovery and settling bounds of a known failure's round."""
 
 
 @pytest.mark.parametrize(
@@ -62,7 +67,9 @@ and print their row, and fail no build until fixed (an unexpected pass shows as 
 def test_fault(rig: Rig, fault: str) -> None:
     if fault == "fill the disk":
         require("a disk of its own for the home", rig.tmpfs, "run as root (mount -t tmpfs)")
-    row = rig.round(fault, FAULTS[fault], BEFORE_S, AFTER_S)
+    # A known failure is given short bounds: waiting the full ones only proves it again.
+    bounds = KNOWN_BOUNDS_S if fault in KNOWN else (RECOVERY_S, SETTLE_S)
+    row = rig.round(fault, FAULTS[fault], BEFORE_S, AFTER_S, *bounds)
     ROWS.append(row)
     assert row.requests_lost == 0 and not row.problems, (row, row.problems)
     assert row.jobs_accepted > 0 and row.chats_ok > 0, row
