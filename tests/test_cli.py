@@ -99,7 +99,9 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
                 ]
             },
         }
-        r = httpx.post(f"{base}/v1/jobs", json=body, headers=auth)
+        # the POST waits up to REQUEST_DISPATCH_S (10 s) for Prefect to create the flow run:
+        # more than httpx's default 5 s while the quick-start model is being prepared
+        r = httpx.post(f"{base}/v1/jobs", json=body, headers=auth, timeout=30)
         assert r.status_code == 201
         job_id = r.json()["id"]
         assert r.json()["flow_run_id"], "the API should have started the job's flow run"
