@@ -42,13 +42,17 @@ class Platform:
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
 
-    def post(self, spec: dict[str, Any], kind: str = "dag") -> dict[str, Any]:
-        r = httpx.post(
-            f"{self.url}/v1/jobs",
-            json={"kind": kind, "spec": spec},
-            headers=self.headers(),
-            timeout=30,  # the POST also creates the flow run: slow on a loaded machine
+    def call(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        """``method path`` on the API as the test tenant. A request that creates a job (a
+        job, a deployment, a scale change, a cancel) waits up to ``REQUEST_DISPATCH_S`` for
+        Prefect to create its flow run, so httpx's default 5 s is too short on a loaded
+        machine."""
+        return httpx.request(
+            method, f"{self.url}{path}", json=json, headers=self.headers(), timeout=30
         )
+
+    def post(self, spec: dict[str, Any], kind: str = "dag") -> dict[str, Any]:
+        r = self.call("POST", "/v1/jobs", {"kind": kind, "spec": spec})
         assert r.status_code == 201, r.text
         return r.json()  # type: ignore[no-any-return]
 

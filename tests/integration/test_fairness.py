@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from tests.integration.conftest import Platform
@@ -36,7 +35,7 @@ def test_a_small_job_is_not_starved_by_a_job_of_thousands(platform: Platform) ->
         assert took < 30, f"the 4-task job took {took:.0f} s behind the 5,000-task one"
         assert platform.job(big["id"])["state"] == "running"
     finally:
-        httpx.post(f"{platform.url}/v1/jobs/{big['id']}/cancel", headers=platform.headers())
+        platform.call("POST", f"/v1/jobs/{big['id']}/cancel")
 
 
 def _wait_for_running(platform: Platform, job_id: str, timeout_s: float = 120) -> None:

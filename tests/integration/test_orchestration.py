@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -178,7 +177,7 @@ def test_cancel_stops_a_running_job(platform: Platform, tmp_path: Path) -> None:
     _wait_for_ticks(ticks)
     r = platform.job(job_id)
     assert r["state"] == "running"
-    cancelled = httpx.post(f"{platform.url}/v1/jobs/{job_id}/cancel", headers=platform.headers())
+    cancelled = platform.call("POST", f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200
     assert cancelled.json()["state"] == "cancelled"
     assert set(_states(cancelled.json()).values()) == {"cancelled"}

@@ -37,7 +37,7 @@ def test_flow_run_from_prefects_http_api_creates_our_job(platform: Platform) -> 
     deployment = _deployment_id(platform)
     url = f"{platform.settings.prefect_api_url}/deployments/{deployment}/create_flow_run"
     for _ in range(10):  # 503 means "retry" in Prefect's API (SQLite busy); its client retries
-        r = httpx.post(url, json={"parameters": {"spec": SPEC, "tenant": "acme"}})
+        r = httpx.post(url, json={"parameters": {"spec": SPEC, "tenant": "acme"}}, timeout=30)
         if r.status_code != 503:
             break
         time.sleep(0.5)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from deepflow.procutil import signal_alive, wait_gone
@@ -42,7 +41,7 @@ def test_cancel_stops_an_operator_inside_a_c_call(platform: Platform, tmp_path: 
     ]
     pid = read_pid(tmp_path / "pid", 90)
     assert signal_alive(pid) and platform.job(job_id)["state"] == "running"
-    cancelled = httpx.post(f"{platform.url}/v1/jobs/{job_id}/cancel", headers=platform.headers())
+    cancelled = platform.call("POST", f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert wait_gone(pid, STOP_WITHIN_S), "the attempt process outlived the cancellation"
     assert _task(platform, job_id)["state"] == "cancelled"

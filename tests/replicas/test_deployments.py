@@ -22,10 +22,10 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def deployed(serving: Platform) -> dict[str, Any]:
-    r = httpx.post(
-        f"{serving.url}/v1/deployments",
-        json={"model": MODEL, "replicas": 2, "engine_args": {"max_num_seqs": 8}},
-        headers=serving.headers(),
+    r = serving.call(
+        "POST",
+        "/v1/deployments",
+        {"model": MODEL, "replicas": 2, "engine_args": {"max_num_seqs": 8}},
     )
     assert r.status_code == 201, r.text
     return wait_deployment(serving, r.json()["id"], "ready", ready=2)
@@ -154,11 +154,7 @@ def test_scale_in_then_delete_stops_every_daemon(
 ) -> None:
     instances = deployment(serving, deployed["id"])["instances"]
     before = {i["id"] for i in instances if i["state"] == "ready"}
-    r = httpx.patch(
-        f"{serving.url}/v1/deployments/{deployed['id']}",
-        json={"replicas": 1},
-        headers=serving.headers(),
-    )
+    r = serving.call("PATCH", f"/v1/deployments/{deployed['id']}", {"replicas": 1})
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 60
     while True:
@@ -170,7 +166,7 @@ def test_scale_in_then_delete_stops_every_daemon(
         time.sleep(0.2)
     assert len(stopped) == 1 and stopped[0]["id"] in before
     pids = [i["pid"] for i in d["instances"] if i["state"] == "ready"]
-    r = httpx.delete(f"{serving.url}/v1/deployments/{deployed['id']}", headers=serving.headers())
+    r = serving.call("DELETE", f"/v1/deployments/{deployed['id']}")
     assert r.status_code == 200 and r.json()["state"] == "deleting"
     d = wait_deployment(serving, deployed["id"], "deleted")
     assert {i["state"] for i in d["instances"]} <= {"stopped", "failed"}
@@ -197,9 +193,7 @@ def test_a_model_that_cannot_start_fails_its_deployment_once(
         owner = ensure_tenant(s, "acme")
         version = register_model_version(s, owner.id, "broken", str(broken))
         set_model_version_state(s, version.id, ModelVersionState.READY)
-    r = httpx.post(
-        f"{serving.url}/v1/deployments", json={"model": "broken"}, headers=serving.headers()
-    )
+    r = serving.call("POST", "/v1/deployments", {"model": "broken"})
     assert r.status_code == 201, r.text
     d = wait_deployment(serving, r.json()["id"], "failed")
     job = serving.wait(d["job_id"])

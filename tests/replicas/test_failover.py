@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from deepflow.procutil import signal_alive
@@ -55,7 +54,7 @@ def deploy(serving: Platform, folder: Path) -> Iterator[Any]:
             version = register_model_version(s, ensure_tenant(s, "acme").id, name, str(folder))
             set_model_version_state(s, version.id, ModelVersionState.READY)
         body = {"model": name, "replicas": replicas, "engine_args": {"max_num_seqs": 4}}
-        r = httpx.post(f"{serving.url}/v1/deployments", json=body, headers=serving.headers())
+        r = serving.call("POST", "/v1/deployments", body)
         assert r.status_code == 201, r.text
         made.append(r.json()["id"])
         return wait_deployment(serving, made[-1], "ready", ready=replicas)
@@ -63,7 +62,7 @@ def deploy(serving: Platform, folder: Path) -> Iterator[Any]:
     yield make
     for deployment_id in made:
         pids = {i["pid"] for i in deployment(serving, deployment_id)["instances"] if i["pid"]}
-        httpx.delete(f"{serving.url}/v1/deployments/{deployment_id}", headers=serving.headers())
+        serving.call("DELETE", f"/v1/deployments/{deployment_id}")
         wait_deployment(serving, deployment_id, "deleted")
         for pid in pids & set(_daemons()):  # what a failed test left running
             os.killpg(pid, signal.SIGKILL)
@@ -108,9 +107,7 @@ def test_an_instance_whose_launch_was_lost_neither_counts_nor_lingers(
     deployment a replica short, or made the retry's healthy instance look surplus (stopped)."""
     d = deploy("relaunched-" + lost.split()[1], 1)
     known = {i["pid"] for i in d["instances"]}
-    r = httpx.patch(
-        f"{serving.url}/v1/deployments/{d['id']}", json={"replicas": 2}, headers=serving.headers()
-    )
+    r = serving.call("PATCH", f"/v1/deployments/{d['id']}", {"replicas": 2})
     assert r.status_code == 200, r.text
     daemon = _new_daemon(d["model"], known, timeout_s=60)
     attempt = _parent(daemon)

@@ -31,15 +31,15 @@ METRIC = re.compile(r"^(flowserve:[a-z_]+)\{([^}]*)\} ([0-9.e+-]+)$", re.M)
 
 @pytest.fixture(scope="module")
 def deployed(serving: Platform) -> dict[str, Any]:
-    r = httpx.post(
-        f"{serving.url}/v1/deployments",
-        json={
+    r = serving.call(
+        "POST",
+        "/v1/deployments",
+        {
             "model": MODEL,
             "replicas": 2,
             "policy": "least_outstanding_tokens",
             "engine_args": {"max_num_seqs": 128},
         },
-        headers=serving.headers(),
     )
     assert r.status_code == 201, r.text
     return wait_deployment(serving, r.json()["id"], "ready", ready=2)
