@@ -49,9 +49,11 @@ enough to keep a machine's workers busy, few enough that a job submitted after a
 thousands of tasks waits behind 32 of them, not thousands."""
 
 
-@task(name="deepflow-task", persist_result=False)
-def run_attempt(task_id: str, attempt: int, queue: str) -> Any:
-    """The Prefect task a worker runs: one attempt of one of our tasks (``queue`` routes it)."""
+@task(name="deepflow-task", task_run_name="{name} #{attempt}", persist_result=False)
+def run_attempt(task_id: str, attempt: int, queue: str, name: str) -> Any:
+    """The Prefect task a worker runs: one attempt of one of our tasks (``queue`` routes it;
+    ``name``, the task's, names the task run). One Prefect task for every attempt: a task per
+    name (``with_options``) read the function's source again for each attempt."""
     try:
         return execute_task(task_id, attempt)
     except StaleAttempt as exc:
@@ -128,11 +130,13 @@ class JobDriver:
         return step.job, step.tasks, step.queued
 
     def _send(self, row: Task) -> None:
-        prefect_task = run_attempt.with_options(
-            name=row.name, task_run_name=f"{row.name} #{row.attempt}"
-        )
-        parameters = {"task_id": row.id, "attempt": row.attempt, "queue": row.resource_class.value}
-        future = self.runner.submit(prefect_task, parameters)
+        parameters = {
+            "task_id": row.id,
+            "attempt": row.attempt,
+            "queue": row.resource_class.value,
+            "name": row.name,
+        }
+        future = self.runner.submit(run_attempt, parameters)
         future.add_done_callback(lambda _: self._wake.set())
         self._sent[row.id] = _Sent(row.attempt, future, utcnow(), self._epoch)
 

@@ -58,6 +58,17 @@ from deepflow.store import (
 DEFAULT_TENANT = "default"
 PREFECT_START_TIMEOUT_S = 120.0
 PREFECT_HOST = "127.0.0.1"
+PREFECT_SERVER_BATCHING = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+}
+"""The Prefect server writes task-run states and events in batches, flushed at least once a
+second: by default it wrote each task-run event alone (batches of 1) and events 20 at a time,
+and every attempt of every job sends three. A setting already in the environment wins."""
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -187,6 +198,7 @@ class Stack:
             **self.extra_env,
         }
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env.update({k: v for k, v in PREFECT_SERVER_BATCHING.items() if k not in env})
         if self.settings.prefect_api_url:
             env["PREFECT_API_URL"] = self.settings.prefect_api_url
         return env

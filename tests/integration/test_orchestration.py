@@ -39,8 +39,11 @@ def _states(job: dict[str, Any]) -> dict[str, str]:
     return {t["name"]: t["state"] for t in job["tasks"]}
 
 
-def _flow_run(platform: Platform, flow_run_id: str, settle: set[str]) -> tuple[str, list[Any]]:
-    """The flow run's final state type and its task runs (task states arrive as events)."""
+def _flow_run(
+    platform: Platform, flow_run_id: str, settle: set[str], task_runs: int = 0
+) -> tuple[str, list[Any]]:
+    """The flow run's final state type and its task runs, once ``task_runs`` of them are
+    recorded (task runs arrive as events, which Prefect's server writes in batches)."""
     deadline = time.monotonic() + 30
     with temporary_settings({PREFECT_API_URL: platform.settings.prefect_api_url}):
         client = get_client(sync_client=True)
@@ -50,7 +53,7 @@ def _flow_run(platform: Platform, flow_run_id: str, settle: set[str]) -> tuple[s
             tasks = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
             )
-            done = run.state_type and run.state_type.value in settle
+            done = run.state_type and run.state_type.value in settle and len(tasks) >= task_runs
             if done and all(t.state_type and t.state_type.value != "RUNNING" for t in tasks):
                 return run.state_type.value, tasks
             assert time.monotonic() < deadline, (run.state_type, [t.state_type for t in tasks])
@@ -73,7 +76,7 @@ def test_fan_out_fan_in_succeeds(platform: Platform) -> None:
     assert set(_states(job).values()) == {"succeeded"}
     assert [t["output"] for t in job["tasks"][1:7]] == [{"i": i} for i in range(6)]
     assert job["flow_run_id"]
-    state, task_runs = _flow_run(platform, job["flow_run_id"], {"COMPLETED"})
+    state, task_runs = _flow_run(platform, job["flow_run_id"], {"COMPLETED"}, len(job["tasks"]))
     assert state == "COMPLETED"
     assert sorted(t.name for t in task_runs) == sorted(f"{n} #1" for n in _states(job))
     assert {t.state_type.value for t in task_runs} == {"COMPLETED"}  # type: ignore[union-attr]

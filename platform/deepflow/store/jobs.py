@@ -198,9 +198,8 @@ def cancel_job(
     session: Session, tenant_id: str, job_id: str, reason: str = "cancelled by user"
 ) -> Job:
     """Cancel the job and every task not yet terminal. Finished jobs cannot be cancelled."""
-    job = session.execute(
-        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).with_for_update()
-    ).scalar_one_or_none()
+    mine = select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+    job = session.execute(mine.with_for_update(key_share=True)).scalar_one_or_none()
     if job is None:
         raise NotFound("job", job_id)
     if job.state.is_terminal:

@@ -17,9 +17,8 @@ def register_model_version(
     session: Session, tenant_id: str, name: str, uri: str, details: dict[str, Any] | None = None
 ) -> ModelVersion:
     """Add the next version of model ``name`` (created on first use), state registering."""
-    model = session.execute(
-        select(Model).where(Model.tenant_id == tenant_id, Model.name == name).with_for_update()
-    ).scalar_one_or_none()
+    named = select(Model).where(Model.tenant_id == tenant_id, Model.name == name)
+    model = session.execute(named.with_for_update(key_share=True)).scalar_one_or_none()
     if model is None:
         model = Model(id=new_id("model"), tenant_id=tenant_id, name=name)
         session.add(model)

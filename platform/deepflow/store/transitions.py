@@ -1,7 +1,7 @@
 """The only writers of state: one ``set_*_state`` per entity.
 
-Each locks the row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write lock is already
-held by the transaction), checks the change against its policy, applies it with its
+Each locks the row (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL; SQLite's write lock is
+already held by the transaction), checks the change against its policy, applies it with its
 timestamps, and appends the Event in the same transaction. An illegal change raises
 ``IllegalTransition`` and writes nothing.
 
@@ -63,8 +63,14 @@ Row = TypeVar("Row", Job, Task, Instance, ModelVersion, Deployment)
 
 
 def lock(session: Session, cls: type[Row], row_id: str) -> Row:
-    """Read a row for update, refreshing any copy the session already holds."""
-    stmt = select(cls).where(cls.id == row_id).with_for_update()
+    """Read a row for update, refreshing any copy the session already holds.
+
+    ``FOR NO KEY UPDATE``, not ``FOR UPDATE``: no writer changes a primary key, and the
+    weaker lock still excludes every other writer of the row but lets inserts that merely
+    reference it (an event's or a task log's foreign key to its job takes ``FOR KEY SHARE``)
+    go on. Under ``FOR UPDATE`` every worker's report waited for the driver's pass over the
+    job."""
+    stmt = select(cls).where(cls.id == row_id).with_for_update(key_share=True)
     return session.execute(stmt, execution_options={"populate_existing": True}).scalar_one()
 
 
