@@ -92,17 +92,28 @@ class JobDriver:
         self._read_epoch()
         try:
             while True:
-                self._wake.clear()
                 job, tasks, started = self._advance()
                 if job.state.is_terminal:
                     return job
                 for row in started:
                     self._send(row)
-                timeout = self._reconcile(tasks)
-                self._wake.wait(timeout)
+                self._wait(self._reconcile(tasks))
         finally:
             for sent in self._sent.values():
                 sent.future.cancel()  # revokes messages still queued
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until an attempt ends or ``timeout``. While at least half of
+        ``max_active_tasks`` sent attempts are still in flight the workers have enough to do,
+        so an ending is not worth a pass (each reads every task of the job): the driver waits
+        for fewer in flight. A level's last attempts, and every attempt of a small job, still
+        wake it at once."""
+        deadline = time.monotonic() + timeout
+        busy = (self.max_active_tasks or 0) // 2
+        while self._wake.wait(max(deadline - time.monotonic(), 0.0)):
+            self._wake.clear()  # before counting: an ending after the count wakes us again
+            if sum(not s.future.done() for s in self._sent.values()) < max(busy, 1):
+                return
 
     def _advance(self) -> tuple[Job, list[Task], list[Task]]:
         """One pass; an unreachable database (a restart) is waited out, not fatal."""
