@@ -44,8 +44,8 @@ def test_db_upgrade_then_keys_create(tmp_path: Path) -> None:
     assert re.fullmatch(r"df-[\w-]{40,}", key)
     db = Database(f"sqlite:///{tmp_path / 'deepflow.db'}")
     with db.transaction() as s:
-        tenant = authenticate(s, key)
-        assert tenant is not None and tenant.name == "acme"
+        grant = authenticate(s, key)
+        assert grant is not None and grant.tenant.name == "acme"
     db.dispose()
 
 

@@ -23,13 +23,48 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(raw: str) -> str:
+    if raw != "default" and not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"a limit is a whole number or 'default', not {raw!r}")
+    return raw
+
+
 def _keys_create(args: argparse.Namespace) -> int:
-    from deepflow.store import create_api_key, get_database
+    from deepflow.store import KeyScope, create_api_key, get_database
+
+    db = get_database(Settings.from_env().database_url)
+    scope = KeyScope.READ if args.read_only else KeyScope.ALL
+    with db.transaction() as session:
+        _, key = create_api_key(session, args.tenant, scope)
+    print(key)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from deepflow.store import get_database, revoke_api_key
 
     db = get_database(Settings.from_env().database_url)
     with db.transaction() as session:
-        _, key = create_api_key(session, args.tenant)
-    print(key)
+        revoked = revoke_api_key(session, args.key)
+    if not revoked:
+        print("deepflow: no live key matches", file=sys.stderr)
+        return 1
+    print("revoked")
+    return 0
+
+
+def _tenant_limits(args: argparse.Namespace) -> int:
+    from deepflow.store import get_database, set_tenant_limits
+    from deepflow.store.tenants import LIMITS
+
+    given = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
+    db = get_database(Settings.from_env().database_url)
+    with db.transaction() as session:
+        # "default" clears a limit: the platform's (DEEPFLOW_*) applies again
+        values = {k: None if v == "default" else int(v) for k, v in given.items()}
+        tenant = set_tenant_limits(session, args.tenant, **values)
+        shown = {name: getattr(tenant, name) for name in LIMITS}
+    print(" ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
     return 0
 
 
@@ -171,7 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create = keys.add_parser("create", help="print a new API key for a tenant")
     create.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    create.add_argument(
+        "--read-only", action="store_true", help="a key for GET requests only (no changes)"
+    )
     create.set_defaults(func=_keys_create)
+    revoke = keys.add_parser("revoke", help="revoke a key (refused at once)")
+    revoke.add_argument("key", help="the key, as printed by 'keys create'")
+    revoke.set_defaults(func=_keys_revoke)
+
+    tenants = sub.add_parser("tenants", help="tenants").add_subparsers(
+        dest="tenants_command", required=True
+    )
+    limits = tenants.add_parser(
+        "limits",
+        help="show or set a tenant's rate limits and quotas (0: none; 'default': the "
+        "platform's, from DEEPFLOW_REQUESTS_PER_MINUTE and the like)",
+    )
+    limits.add_argument("tenant", help="tenant name (created if new)")
+    for name in ("requests_per_minute", "tokens_per_minute", "max_active_jobs", "max_instances"):
+        limits.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=_limit, metavar="N|default"
+        )
+    limits.set_defaults(func=_tenant_limits)
 
     worker = sub.add_parser("worker", help="run a Celery worker for one or more queues")
     worker.add_argument("--queues", default="cpu", help="cpu, cuda or npu (comma-separated)")

@@ -23,10 +23,11 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
-def _env_count(name: str, default: int) -> int:
+def _env_count(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name) or str(default)
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a positive whole number, not {raw!r}")
+    if not raw.isdigit() or int(raw) < minimum:
+        what = "a positive" if minimum else "a"
+        raise ValueError(f"{name} must be {what} whole number, not {raw!r}")
     return int(raw)
 
 
@@ -80,6 +81,18 @@ class Settings:
     max_spec_bytes: int = 2 * 2**20
     """The largest job spec, as JSON (DEEPFLOW_MAX_SPEC_BYTES); larger is a 413: a job's spec
     is stored and sent back with it."""
+    requests_per_minute: int = 0
+    """API and gateway requests a tenant may make a minute (DEEPFLOW_REQUESTS_PER_MINUTE);
+    more get 429 with Retry-After. 0: no limit. A tenant's own limit overrides it."""
+    tokens_per_minute: int = 0
+    """Prompt and completion tokens (estimated before forwarding) a tenant's inference may
+    use a minute (DEEPFLOW_TOKENS_PER_MINUTE). 0: no limit."""
+    max_active_jobs: int = 0
+    """Jobs a tenant may have pending, queued or running at once (DEEPFLOW_MAX_ACTIVE_JOBS).
+    0: no limit."""
+    max_instances: int = 0
+    """Engine instances a tenant's deployments may ask for in all (DEEPFLOW_MAX_INSTANCES).
+    0: no limit."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -105,6 +118,10 @@ class Settings:
             max_body_bytes=_env_count("DEEPFLOW_MAX_BODY_BYTES", 8 * 2**20),
             max_job_tasks=_env_count("DEEPFLOW_MAX_JOB_TASKS", 10_000),
             max_spec_bytes=_env_count("DEEPFLOW_MAX_SPEC_BYTES", 2 * 2**20),
+            requests_per_minute=_env_count("DEEPFLOW_REQUESTS_PER_MINUTE", 0, minimum=0),
+            tokens_per_minute=_env_count("DEEPFLOW_TOKENS_PER_MINUTE", 0, minimum=0),
+            max_active_jobs=_env_count("DEEPFLOW_MAX_ACTIVE_JOBS", 0, minimum=0),
+            max_instances=_env_count("DEEPFLOW_MAX_INSTANCES", 0, minimum=0),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -123,6 +140,10 @@ class Settings:
             "DEEPFLOW_MAX_BODY_BYTES": str(self.max_body_bytes),
             "DEEPFLOW_MAX_JOB_TASKS": str(self.max_job_tasks),
             "DEEPFLOW_MAX_SPEC_BYTES": str(self.max_spec_bytes),
+            "DEEPFLOW_REQUESTS_PER_MINUTE": str(self.requests_per_minute),
+            "DEEPFLOW_TOKENS_PER_MINUTE": str(self.tokens_per_minute),
+            "DEEPFLOW_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
+            "DEEPFLOW_MAX_INSTANCES": str(self.max_instances),
         }
         if self.prefect_api_url:
             env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url

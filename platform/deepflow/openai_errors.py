@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 TYPES = {
     401: "authentication_error",
+    403: "permission_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
@@ -49,13 +50,21 @@ class OpenAIError(Exception):
     """Raised anywhere below a route; rendered as the error body with ``status``."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+        """Sent as ``Retry-After`` (a 429, a 503): when trying again may succeed."""
 
 
 def error_body(
@@ -66,11 +75,17 @@ def error_body(
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after_s: int | None = None,
 ) -> JSONResponse:
     from starlette.responses import JSONResponse
 
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return JSONResponse(error_body(status, message, param, code), status, headers=headers)
 
 

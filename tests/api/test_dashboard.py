@@ -111,7 +111,7 @@ def _run_attempt(api: Api, job_id: str, name: str) -> None:
 
 def _tenant(api: Api) -> str:
     with api.db.transaction() as s:
-        tenant = store.authenticate(s, api.key)
+        tenant = store.authenticate(s, api.key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         return tenant.id
 
@@ -174,7 +174,7 @@ def test_retry_refuses_kinds_users_may_not_submit(api: Api) -> None:
     """A deploy job is made by converging a deployment; retrying one by hand would launch
     replicas nobody asked for. The retry route applies POST /v1/jobs's refusals."""
     with api.db.transaction() as s:
-        tenant = store.authenticate(s, api.key)
+        tenant = store.authenticate(s, api.key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         spec = {"deployment_id": "dep_x", "launch": 1}
         job, _ = store.create_job(s, tenant.id, dag.plan("deploy", spec), "deploy")

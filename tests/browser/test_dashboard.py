@@ -212,7 +212,7 @@ def _deployment(api: BareApi, tenant_key: str, daemon: Daemon, model_dir: Path) 
     """A deployment of one replica, served by a real FlowServe daemon, with the replica it
     replaced (failed) in its history."""
     with api.db.transaction() as s:
-        tenant = store.authenticate(s, tenant_key)
+        tenant = store.authenticate(s, tenant_key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         dep = store.create_deployment(
             s,
@@ -242,7 +242,7 @@ def _deployment(api: BareApi, tenant_key: str, daemon: Daemon, model_dir: Path) 
 
 def _finetune_with_loss(api: BareApi, tenant_key: str) -> None:
     with api.db.transaction() as s:
-        tenant = store.authenticate(s, tenant_key)
+        tenant = store.authenticate(s, tenant_key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         spec = {"model": "tiny-llama", "training_file": "file-train.jsonl"}
         job, _ = store.create_job(s, tenant.id, dag.plan("finetune", spec), "finetune")
@@ -312,7 +312,7 @@ def test_a_thousand_jobs_stay_usable(bare_api: BareApi, tab: Tab, tmp_path: Path
         },
     )
     with bare_api.db.transaction() as s:
-        tenant = store.authenticate(s, key)
+        tenant = store.authenticate(s, key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         ids = [store.create_job(s, tenant.id, plan, "dag")[0].id for _ in range(1000)]
         for job_id in ids[::3]:

@@ -47,7 +47,7 @@ def big_job(bare_api: BareApi) -> BigJob:
     plan = dag.plan("dag", _big_spec())
     assert len(plan.tasks) == 5000
     with bare_api.db.transaction() as s:
-        tenant = store.authenticate(s, key)
+        tenant = store.authenticate(s, key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         job, _ = store.create_job(s, tenant.id, plan, "dag")
         by_name = {t.name: t.id for t in job.tasks}

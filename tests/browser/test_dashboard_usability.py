@@ -58,7 +58,7 @@ def test_back_closes_the_new_job_dialog(bare_api: BareApi, tab: Tab) -> None:
 def test_ended_replicas_leave_the_live_table(bare_api: BareApi, tab: Tab) -> None:
     key = bare_api.key("replicas")
     with bare_api.db.transaction() as s:
-        tenant = store.authenticate(s, key)
+        tenant = store.authenticate(s, key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         dep = store.create_deployment(
             s,
@@ -103,7 +103,7 @@ def test_ended_replicas_leave_the_live_table(bare_api: BareApi, tab: Tab) -> Non
 def _failed_job(api: BareApi, key: str, tasks: list[dict[str, object]], error: str) -> str:
     """A job whose tasks each ran once and failed with error, advanced by the store."""
     with api.db.transaction() as s:
-        tenant = store.authenticate(s, key)
+        tenant = store.authenticate(s, key).tenant  # type: ignore[union-attr]
         assert tenant is not None
         job, _ = store.create_job(s, tenant.id, dag.plan("dag", {"tasks": tasks}), "dag")
         for task in job.tasks:

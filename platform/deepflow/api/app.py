@@ -13,6 +13,7 @@ from deepflow.dag import operators
 from deepflow.dispatch import Dispatcher
 from deepflow.gateway import routes as gateway
 from deepflow.openai_errors import ERROR_RESPONSES
+from deepflow.quotas import Limits, Quotas
 from deepflow.store import Database, get_database
 
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     )
     app.state.settings = settings
     app.state.db = db or get_database(settings.database_url)
+    app.state.quotas = Quotas(Limits.defaults(settings))
     app.state.dispatcher = (
         Dispatcher(app.state.db, settings.prefect_api_url) if settings.prefect_api_url else None
     )

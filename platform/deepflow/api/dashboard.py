@@ -165,6 +165,7 @@ def retry_job(job_id: str, request: Request, tenant: CurrentTenant, db: DB) -> J
     plan = dag.plan_user_job(kind, spec)  # a deploy job is retried by converging, not here
     with db.transaction() as session:
         job, _ = store.create_job(session, tenant.id, plan, kind)
+        request.app.state.quotas.check_active_jobs(session, tenant)
     dispatcher = request.app.state.dispatcher
     if dispatcher is not None:
         dispatcher.try_dispatch(job.id, kind)

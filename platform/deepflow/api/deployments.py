@@ -156,6 +156,7 @@ def create_deployment(
             engine_args=body.engine_args.model_dump(exclude_none=True),
         )
         deployment_id = deployment.id
+        request.app.state.quotas.check_instances(session, tenant)
     converge(db, request.app.state.dispatcher, deployment_id, "created")
     return _read(db, tenant.id, deployment_id)
 
@@ -185,7 +186,10 @@ def scale_deployment(
         d = store.read_deployment(session, tenant.id, deployment_id)
         if d.state in (DeploymentState.DELETING, DeploymentState.DELETED):
             raise APIError(409, f"deployment {d.id} is {d.state}", code="deployment_deleted")
+        more = body.replicas > d.replicas  # scaling in is never refused
         d.replicas = body.replicas
+        if more:
+            request.app.state.quotas.check_instances(session, tenant)
     converge(db, request.app.state.dispatcher, deployment_id, f"scaled to {body.replicas}")
     return _read(db, tenant.id, deployment_id)
 

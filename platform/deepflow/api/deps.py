@@ -1,5 +1,6 @@
-"""Request dependencies: the database, the caller's tenant (from its Bearer key), and the
-check of every route's path and query values."""
+"""Request dependencies: the database, the caller's tenant (from its Bearer key, admitted by
+``deepflow.quotas``: its scope and request rate), and the check of every route's path and
+query values."""
 
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ def current_tenant(request: Request, db: Annotated[Database, Depends(database)])
             401, "The Authorization header must be 'Bearer <key>'.", code="invalid_api_key"
         )
     with db.transaction() as session:
-        tenant = authenticate(session, key.strip())
-    if tenant is None:
+        grant = authenticate(session, key.strip())
+    if grant is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return tenant
+    return request.app.state.quotas.admit(grant, request.method)  # type: ignore[no-any-return]
 
 
 DB = Annotated[Database, Depends(database)]

@@ -40,6 +40,8 @@ def create_job(
     limits.check_task_count(settings, plan)
     with db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
+        if created:
+            request.app.state.quotas.check_active_jobs(session, tenant)
     dispatcher = request.app.state.dispatcher
     if created and dispatcher is not None:
         dispatcher.try_dispatch(job.id, body.kind)

@@ -40,10 +40,10 @@ async def _tenant(request: Request) -> Tenant:
             "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
             code="missing_api_key",
         )
-    tenant = await request.app.state.gateway_keys.tenant(key.strip())
-    if tenant is None:
+    grant = await request.app.state.gateway_keys.grant(key.strip())
+    if grant is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return tenant  # type: ignore[no-any-return]
+    return request.app.state.quotas.admit(grant, request.method)  # type: ignore[no-any-return]
 
 
 @router.get("/models")
@@ -104,14 +104,11 @@ async def _forward(request: Request, path: str) -> Response:
             code="model_not_found",
         )
     text = _prompt_text(payload)
+    cost = request_cost(payload, text)
+    request.app.state.quotas.spend_tokens(tenant, cost)
     proxy: Proxy = request.app.state.gateway_proxy
     return await proxy.forward(
-        route,
-        path,
-        body,
-        prefix_hashes(text),
-        request_cost(payload, text),
-        stream=payload.get("stream") is True,
+        route, path, body, prefix_hashes(text), cost, stream=payload.get("stream") is True
     )
 
 

@@ -2,9 +2,9 @@
 
 ``RoutingTable`` re-reads ready instances every ``REFRESH_S`` in a background thread and keeps
 each instance's ``Endpoint`` (its outstanding load and remembered prefixes) across reads.
-``KeyCache`` remembers which tenant an API key belongs to for ``KEY_TTL_S``: a revoked key
-keeps working through the gateway for at most that long. Its lookups run in a worker thread,
-so a slow database never stalls the event loop that relays every stream.
+``KeyCache`` remembers what an API key grants (its tenant, its scope) for ``KEY_TTL_S``: a
+revoked key keeps working through the gateway for at most that long. Its lookups run in a
+worker thread, so a slow database never stalls the event loop that relays every stream.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from deepflow.store import (
     Database,
     Deployment,
     DeploymentState,
+    Grant,
     Instance,
     InstanceState,
-    Tenant,
     authenticate,
 )
 
@@ -119,22 +119,22 @@ class KeyCache:
     def __init__(self, db: Database, ttl_s: float = KEY_TTL_S) -> None:
         self.db = db
         self.ttl_s = ttl_s
-        self._known: dict[str, tuple[Tenant | None, float]] = {}
+        self._known: dict[str, tuple[Grant | None, float]] = {}
 
-    async def tenant(self, key: str) -> Tenant | None:
+    async def grant(self, key: str) -> Grant | None:
         now = time.monotonic()
         hit = self._known.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
-        tenant = await asyncio.to_thread(self._lookup, key)
+        grant = await asyncio.to_thread(self._lookup, key)
         if len(self._known) > 10_000:
             self._known.clear()
-        self._known[key] = (tenant, now + self.ttl_s)
-        return tenant
+        self._known[key] = (grant, now + self.ttl_s)
+        return grant
 
-    def _lookup(self, key: str) -> Tenant | None:
+    def _lookup(self, key: str) -> Grant | None:
         with self.db.transaction() as session:
-            tenant = authenticate(session, key)
-            if tenant is not None:
-                session.expunge(tenant)
-        return tenant
+            grant = authenticate(session, key)
+            if grant is not None:
+                session.expunge(grant.tenant)
+        return grant

@@ -69,10 +69,13 @@ from deepflow.store.tasks import (
     succeed_task,
 )
 from deepflow.store.tenants import (
+    Grant,
+    KeyScope,
     authenticate,
     create_api_key,
     ensure_tenant,
     revoke_api_key,
+    set_tenant_limits,
 )
 from deepflow.store.transitions import (
     IllegalTransition,
@@ -92,11 +95,13 @@ __all__ = [
     "DeploymentState",
     "DriverSuperseded",
     "Event",
+    "Grant",
     "IllegalTransition",
     "Instance",
     "InstanceState",
     "Job",
     "JobPage",
+    "KeyScope",
     "LeaseLost",
     "Model",
     "ModelVersion",
@@ -147,6 +152,7 @@ __all__ = [
     "set_job_state",
     "set_model_version_state",
     "set_task_state",
+    "set_tenant_limits",
     "stale_instances",
     "succeed_task",
     "undriven_jobs",

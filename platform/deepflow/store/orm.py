@@ -87,11 +87,18 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """A customer: owns keys, jobs, models and deployments. Each limit, when set, overrides
+    the platform's default for this tenant (``deepflow.quotas``; 0: no limit)."""
+
     __tablename__ = "tenants"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requests_per_minute: Mapped[int | None]
+    tokens_per_minute: Mapped[int | None]
+    max_active_jobs: Mapped[int | None]
+    max_instances: Mapped[int | None]
 
 
 class ApiKey(Base):
@@ -103,6 +110,8 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16), default="all", server_default="all")
+    """``all``, or ``read``: GET requests only (``store.tenants.KeyScope``)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 

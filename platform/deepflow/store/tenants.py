@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
+from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +19,28 @@ from deepflow.store.orm import ApiKey, Tenant
 from deepflow.store.types import new_id, utcnow
 
 KEY_PREFIX = "df-"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LIMITS = ("requests_per_minute", "tokens_per_minute", "max_active_jobs", "max_instances")
+"""A tenant's own limits (``Tenant`` columns); None: the platform's default."""
+
+
+class KeyScope(StrEnum):
+    ALL = "all"
+    """Every route of the key's tenant."""
+    READ = "read"
+    """Reads only (GET): a dashboard, monitoring. As OpenAI's restricted keys, running a
+    completion is not a read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a key grants: its tenant, and whether it may change anything."""
+
+    tenant: Tenant
+    scope: KeyScope
+
+    def allows(self, method: str) -> bool:
+        return self.scope is KeyScope.ALL or method.upper() in READ_METHODS
 
 
 def hash_key(key: str) -> str:
@@ -45,25 +69,48 @@ def ensure_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_api_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
+def create_api_key(
+    session: Session, tenant_name: str, scope: KeyScope = KeyScope.ALL
+) -> tuple[Tenant, str]:
     """A new key for the tenant (created if needed). Returns the key in clear, once."""
     tenant = ensure_tenant(session, tenant_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key))
+        ApiKey(
+            id=new_id("key"),
+            tenant_id=tenant.id,
+            prefix=key[:10],
+            key_hash=hash_key(key),
+            scope=scope.value,
+        )
     )
     session.flush()
     return tenant, key
 
 
-def authenticate(session: Session, key: str) -> Tenant | None:
-    """The tenant owning ``key``, or None for an unknown or revoked key."""
+def authenticate(session: Session, key: str) -> Grant | None:
+    """What ``key`` grants, or None for an unknown or revoked key."""
     stmt = (
-        select(Tenant)
+        select(Tenant, ApiKey.scope)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
-    return session.execute(stmt).scalar_one_or_none()
+    row = session.execute(stmt).one_or_none()
+    return None if row is None else Grant(row[0], KeyScope(row[1]))
+
+
+def set_tenant_limits(session: Session, tenant_name: str, **limits: int | None) -> Tenant:
+    """Set the named limits of a tenant (created if needed): a count, 0 for none, or None
+    for the platform's default."""
+    unknown = set(limits) - set(LIMITS)
+    if unknown:
+        raise ValueError(f"unknown limits: {', '.join(sorted(unknown))}")
+    if any(v is not None and v < 0 for v in limits.values()):
+        raise ValueError("a limit is a count: 0 or more")
+    tenant = ensure_tenant(session, tenant_name)
+    for name, value in limits.items():
+        setattr(tenant, name, value)
+    return tenant
 
 
 def revoke_api_key(session: Session, key: str) -> bool:
