@@ -1,0 +1,150 @@
+"""Tenant isolation on every route: another tenant's key can neither read, change nor route
+to a tenant's jobs, task logs, models or deployments, nor see them in any list.
+
+Routes are taken from the app's OpenAPI document, so a route added later is checked too (or
+fails the test until it is given a place here)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from deepflow.dag import ResourceClass
+from deepflow.store import (
+    InstanceState,
+    Job,
+    ModelVersionState,
+    create_deployment,
+    create_instance,
+    ensure_tenant,
+    register_model_version,
+    set_instance_state,
+    set_model_version_state,
+)
+from deepflow.store.logs import write_task_log
+from deepflow.store.types import utcnow
+from tests.api.conftest import Api, serve
+
+SECRET_MODEL = "acme-secret-model"
+PUBLIC = {"/health", "/ui/api/session"}
+"""Routes that name no tenant's resources (the session route describes the caller)."""
+BODIES: dict[tuple[str, str], Any] = {
+    ("PATCH", "/v1/deployments/{deployment_id}"): {"replicas": 5},
+    ("POST", "/v1/jobs"): {"kind": "dag", "spec": {"tasks": [{"name": "x", "operator": "noop"}]}},
+    ("POST", "/v1/deployments"): {"model": SECRET_MODEL},
+    ("POST", "/v1/chat/completions"): {
+        "model": SECRET_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    ("POST", "/v1/completions"): {"model": SECRET_MODEL, "prompt": "hi"},
+}
+
+
+def _acme_world(api: Api, address: str) -> dict[str, str]:
+    """acme's job (with a task log), model and deployment with a ready instance at
+    ``address``; returns the values of every path parameter."""
+    job = api.client.post(
+        "/v1/jobs", json=BODIES[("POST", "/v1/jobs")], headers=api.headers()
+    ).json()
+    with api.db.transaction() as s:
+        acme = ensure_tenant(s, "acme")
+        version = register_model_version(s, acme.id, SECRET_MODEL, "/models/secret")
+        set_model_version_state(s, version.id, ModelVersionState.READY)
+        dep = create_deployment(
+            s,
+            acme.id,
+            name=SECRET_MODEL,
+            model_path="/models/secret",
+            replicas=1,
+            resource_class=ResourceClass.CPU,
+            policy="round_robin",
+        )
+        common = {"model_name": SECRET_MODEL, "device": "cpu", "deployment_id": dep.id}
+        ready = create_instance(s, acme.id, address=address, **common)
+        s.flush()
+        set_instance_state(s, ready.id, InstanceState.READY)
+        row = s.get(Job, job["id"])
+        assert row is not None
+        now = utcnow()
+        write_task_log(
+            s,
+            row.tasks[0],
+            1,
+            outcome="succeeded",
+            text="acme's secret log line",
+            dropped_chars=0,
+            started_at=now - timedelta(seconds=1),
+            finished_at=now,
+        )
+        return {"job_id": job["id"], "deployment_id": dep.id, "task_name": "x"}
+
+
+def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> None:
+    hits: list[str] = []
+
+    async def instance(request: Request) -> JSONResponse:
+        hits.append(request.url.path)
+        return JSONResponse({"object": "chat.completion", "choices": []})
+
+    stub = Starlette(
+        routes=[
+            Route(p, instance, methods=["POST"])
+            for p in ("/v1/chat/completions", "/v1/completions")
+        ]
+    )
+    with serve(stub) as address:
+        ids = _acme_world(api, address)
+        secrets = [ids["job_id"], ids["deployment_id"], SECRET_MODEL, "acme's secret log line"]
+        # acme itself can route to its model: the stub answers
+        body = BODIES[("POST", "/v1/chat/completions")]
+        assert (
+            api.client.post("/v1/chat/completions", json=body, headers=api.headers()).status_code
+            == 200
+        )
+        assert hits == ["/v1/chat/completions"]
+        hits.clear()
+
+        paths = api.client.get("/openapi.json").json()["paths"]
+        assert not [p for p in paths if "key" in p], "API keys are made and revoked by the CLI only"
+        checked = 0
+        for path, operations in paths.items():
+            params = re.findall(r"{(\w+)}", path)
+            for method in (m.upper() for m in operations):
+                url = path.format(**ids)
+                r = api.client.request(
+                    method, url, json=BODIES.get((method, path)), headers=api.headers(api.other_key)
+                )
+                where = f"{method} {path}: {r.status_code} {r.text[:300]}"
+                assert r.status_code < 500, where
+                if params:  # one of acme's resources, named by id: as if it did not exist
+                    assert r.status_code == 404, where
+                    assert r.json()["error"]["type"] == "invalid_request_error", where
+                elif path in PUBLIC or method == "GET":
+                    assert r.status_code == 200, where
+                elif path in ("/v1/chat/completions", "/v1/completions"):
+                    assert r.status_code == 404, where
+                    assert r.json()["error"]["code"] == "model_not_found", where
+                elif path == "/v1/deployments":  # globex has no model of that name
+                    assert r.status_code == 404, where
+                else:
+                    assert path == "/v1/jobs" and r.status_code == 201, where
+                asked = url + str(BODIES.get((method, path)))  # what an error may echo
+                leaked = [s for s in secrets if s in r.text and s not in asked]
+                assert not leaked, f"{where} shows acme's {leaked}"
+                checked += 1
+        assert checked >= 20
+        assert hits == [], "another tenant's request reached acme's instance"
+
+    # and nothing of acme's changed
+    job = api.client.get(f"/v1/jobs/{ids['job_id']}", headers=api.headers()).json()
+    assert job["state"] != "cancelled"
+    dep = api.client.get(f"/v1/deployments/{ids['deployment_id']}", headers=api.headers()).json()
+    assert dep["replicas"] == 1 and dep["state"] not in ("deleting", "deleted")
+    jobs = api.client.get("/v1/jobs", headers=api.headers()).json()["data"]
+    assert [j["id"] for j in jobs] == [ids["job_id"]]  # globex's job is globex's alone
