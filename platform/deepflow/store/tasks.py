@@ -81,11 +81,16 @@ def _held(session: Session, task_id: str, worker_id: str, attempt: int) -> Task:
 
 
 def heartbeat_task(
-    session: Session, task_id: str, worker_id: str, attempt: int, lease_ttl_s: float
+    session: Session,
+    task_id: str,
+    worker_id: str,
+    attempt: int,
+    lease_ttl_s: float,
+    now: datetime | None = None,
 ) -> datetime:
     """Extend the lease; raises LeaseLost when the worker should stop working on it."""
     task = _held(session, task_id, worker_id, attempt)
-    task.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
+    task.lease_expires_at = (now or utcnow()) + timedelta(seconds=lease_ttl_s)
     return task.lease_expires_at
 
 
