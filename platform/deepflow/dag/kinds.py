@@ -77,6 +77,13 @@ def _dag_tasks(spec: DagJobSpec) -> list[TaskSpec]:
     return list(spec.tasks)
 
 
+HEALTH_CHECK_TIMEOUT_S = 75.0
+"""A health check gives up by itself after 60 s (``replicas.operators.HEALTH_TIMEOUT_S``);
+an attempt that outlives this was stuck (one was seen hung for minutes on a loaded machine, its
+cause not found), and is stopped and tried once more in a fresh attempt process rather than
+holding the deployment in ``creating`` for the default hour."""
+
+
 def _deploy_tasks(spec: DeploySpec) -> list[TaskSpec]:
     target = {"deployment_id": spec.deployment_id}
     tasks: list[TaskSpec] = []
@@ -101,6 +108,8 @@ def _deploy_tasks(spec: DeploySpec) -> list[TaskSpec]:
                 operator="deploy.health_check",
                 args={"replica": i},
                 depends_on=[f"launch_replica_{i}"],
+                timeout_s=HEALTH_CHECK_TIMEOUT_S,
+                retries=1,
             )
         )
     for k, instance_id in enumerate(spec.stop):

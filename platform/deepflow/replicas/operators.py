@@ -167,7 +167,10 @@ def health_check(args: dict[str, Any]) -> dict[str, Any]:
             if r.status_code == 200:
                 load = r.json()
                 with _db().transaction() as session:
-                    set_instance_state(session, instance_id, InstanceState.READY)
+                    instance = session.get(Instance, instance_id)
+                    if instance is None or instance.state is not InstanceState.READY:
+                        # (a retried check finds it ready when its first attempt got this far)
+                        set_instance_state(session, instance_id, InstanceState.READY)
                     converge.record_load(session, instance_id, load)
                 return {"instance_id": instance_id, "address": address, "health": load}
             last = f"HTTP {r.status_code}: {r.text[:200]}"
