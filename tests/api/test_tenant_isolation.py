@@ -148,3 +148,20 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
     assert dep["replicas"] == 1 and dep["state"] not in ("deleting", "deleted")
     jobs = api.client.get("/v1/jobs", headers=api.headers()).json()["data"]
     assert [j["id"] for j in jobs] == [ids["job_id"]]  # globex's job is globex's alone
+
+
+def test_a_job_cannot_name_the_platforms_own_operators(api: Api) -> None:
+    """The deploy operators act on whatever instance or deployment their args name: a user's
+    DAG naming one (to stop another tenant's instance, say) is refused before it is stored."""
+    from deepflow.dag import operators
+
+    internal = [n for n in operators.names() if operators.get(n).internal]
+    assert "deploy.stop_instance" in internal and "deploy.launch_replica" in internal
+    for name in internal:
+        victim = {"name": "x", "operator": name, "args": {"instance_id": "inst_x"}}
+        spec = {"tasks": [{"name": "t", "operator": "noop"}, victim]}
+        r = api.client.post("/v1/jobs", json={"kind": "dag", "spec": spec}, headers=api.headers())
+        assert r.status_code == 400, (name, r.text)
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("operator_not_allowed", "spec.tasks[1].operator")
+    assert api.client.get("/v1/jobs", headers=api.headers()).json()["data"] == []

@@ -268,7 +268,16 @@ def plan_user_job(kind: str, spec: Any) -> Plan:
     refusal = _kind(kind).refusal
     if refusal is not None:
         raise DagError(refusal.message, "kind", refusal.code)
-    return plan(kind, spec)
+    planned = plan(kind, spec)
+    for i, task in enumerate(planned.tasks):
+        if operators.get(task.operator).internal:
+            raise DagError(
+                f"task {task.name!r}: operator {task.operator!r} is run by the platform's own "
+                "jobs only (deployments run it: POST /v1/deployments)",
+                f"spec.tasks[{i}].operator",
+                "operator_not_allowed",
+            )
+    return planned
 
 
 def plan(kind: str, spec: Any) -> Plan:

@@ -51,6 +51,10 @@ class Operator:
     takes_context: bool = False
     """Its args get ``context``: the job's id and tenant, the task's name, and the outputs
     of the tasks it depends on (by name), as Airflow's XCom would hand them over."""
+    internal: bool = False
+    """Run only in the platform's own jobs (a deploy job's launches and stops): a job a user
+    submits may not name it, since its args (an instance's or a deployment's id) are trusted,
+    not checked against the submitting tenant."""
 
 
 class Registry:

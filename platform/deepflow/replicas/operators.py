@@ -215,22 +215,13 @@ def update_deployment(args: dict[str, Any]) -> dict[str, Any]:
     return settled
 
 
-OPERATORS = (
-    Operator("deploy.prepare_weights", prepare_weights, description=prepare_weights.__doc__ or ""),
-    Operator(
-        "deploy.launch_replica",
-        launch_replica,
-        description=launch_replica.__doc__ or "",
-        takes_context=True,
-    ),
-    Operator(
-        "deploy.health_check",
-        health_check,
-        description=health_check.__doc__ or "",
-        takes_context=True,
-    ),
-    Operator("deploy.stop_instance", stop_instance, description=stop_instance.__doc__ or ""),
-    Operator(
-        "deploy.update_deployment", update_deployment, description=update_deployment.__doc__ or ""
-    ),
+OPERATORS = tuple(
+    Operator(name, run, description=run.__doc__ or "", takes_context=context, internal=True)
+    for name, run, context in (
+        ("deploy.prepare_weights", prepare_weights, False),
+        ("deploy.launch_replica", launch_replica, True),
+        ("deploy.health_check", health_check, True),
+        ("deploy.stop_instance", stop_instance, False),
+        ("deploy.update_deployment", update_deployment, False),
+    )
 )
