@@ -92,12 +92,13 @@ class JobDriver:
         self._read_epoch()
         try:
             while True:
+                ended = {task_id for task_id, s in self._sent.items() if s.future.done()}
                 job, tasks, started = self._advance()
                 if job.state.is_terminal:
                     return job
                 for row in started:
                     self._send(row)
-                self._wait(self._reconcile(tasks))
+                self._wait(self._reconcile(tasks, ended))
         finally:
             for sent in self._sent.values():
                 sent.future.cancel()  # revokes messages still queued
@@ -151,10 +152,12 @@ class JobDriver:
         future.add_done_callback(lambda _: self._wake.set())
         self._sent[row.id] = _Sent(row.attempt, future, utcnow(), self._epoch)
 
-    def _reconcile(self, tasks: list[Task]) -> float:
+    def _reconcile(self, tasks: list[Task], ended: set[str]) -> float:
         """Forget futures of attempts the store has moved past, send again the queued ones
-        whose message may be lost (or that an earlier driver of the job sent), and return
-        how long to sleep (until the next retry falls due, at most ``poll_s``)."""
+        whose message may be lost (or that an earlier driver of the job sent, or whose
+        message a worker consumed without claiming it: ``ended`` are the tasks whose future
+        had ended before the pass read the store), and return how long to sleep (until the
+        next retry falls due, at most ``poll_s``)."""
         now = utcnow()
         timeout = self.poll_s
         if any(t.state is TaskState.QUEUED for t in tasks):
@@ -163,7 +166,7 @@ class JobDriver:
             sent = self._sent.get(t.id)
             if sent is not None and (sent.attempt != t.attempt or t.state.is_terminal):
                 del self._sent[t.id]
-            elif t.state is TaskState.QUEUED and (why := self._lost(sent, now)):
+            elif t.state is TaskState.QUEUED and (why := self._lost(sent, now, t.id in ended)):
                 log.warning("task %s attempt %d: %s; sending it again", t.name, t.attempt, why)
                 self._send(t)
             if t.state is TaskState.UP_FOR_RETRY and t.next_attempt_at is not None:
@@ -177,10 +180,12 @@ class JobDriver:
             self._epoch = self.broker_epoch()
             self._epoch_read_at = time.monotonic()
 
-    def _lost(self, sent: _Sent | None, now: datetime) -> str | None:
+    def _lost(self, sent: _Sent | None, now: datetime, consumed: bool) -> str | None:
         """Why a queued attempt's message may be lost, or None."""
         if sent is None:
             return "queued by an earlier driver of the job"
+        if consumed:  # a claim commits before the attempt runs: this one never claimed
+            return "a worker took its message but could not claim it (the database was down?)"
         if None not in (sent.epoch, self._epoch) and sent.epoch != self._epoch:
             return "the broker restarted since it was sent"
         if now - sent.sent_at > timedelta(seconds=self.redispatch_after_s):
