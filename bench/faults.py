@@ -5,6 +5,7 @@ it. Prints the table (one row per round) and exits non-zero if any request was l
 check failed.
 
     .venv/bin/python bench/faults.py [--rounds 3] [--before 5] [--after 20] [--only NAME]
+                                     [--keep DIR]
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def main() -> int:
     parser.add_argument("--before", type=float, default=5.0, help="seconds of load before")
     parser.add_argument("--after", type=float, default=20.0, help="seconds of load after")
     parser.add_argument("--only", default=None, help="faults whose name contains this")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="run in DIR and keep it (logs, the home)"
+    )
     args = parser.parse_args()
     faults = {n: f for n, f in FAULTS.items() if args.only is None or args.only in n}
     if not faults:
         parser.error(f"no fault's name contains {args.only!r}: {', '.join(FAULTS)}")
     with tempfile.TemporaryDirectory(prefix="deepflow-faults-") as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
         folder = make_test_model(root / "model", "llama", "tiny")
         rig = Rig(root / "rig", folder, disk_bytes=DISK_BYTES)
         rows: list[Row] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -272,12 +273,19 @@ def main() -> int:
             drained = _kv_usage(rig)
             ended = {"succeeded": 0, "other": 0}
             assert rig.db is not None
+            deadline = time.monotonic() + 180  # for all of them together
             for job_id in jobs.jobs:
-                state = rig.wait_job(job_id, time.monotonic() + 120)
+                state = rig.wait_job(job_id, deadline)
                 ended["succeeded" if state == "succeeded" else "other"] += 1
         finally:
             stop.set()
             rig.stop()
+            logs = args.out / "logs"  # kept: the temporary folder goes
+            shutil.rmtree(logs, ignore_errors=True)
+            shutil.copytree(rig.home / "logs", logs, dirs_exist_ok=True)
+            for name in ("up.log", "api.log"):
+                if (rig.root / name).exists():
+                    shutil.copy(rig.root / name, logs / name)
     with open(args.out / "soak.csv", "w", newline="") as f:
         names = ["t_min", *sorted({k for r in rows for k in r if k != "t_min"})]
         writer = csv.DictWriter(f, fieldnames=names)

@@ -66,9 +66,10 @@ PREFECT_SERVER_BATCHING = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
-"""The Prefect server writes task-run states and events in batches, flushed at least once a
-second: by default it wrote each task-run event alone (batches of 1) and events 20 at a time,
-and every attempt of every job sends three. A setting already in the environment wins."""
+"""On PostgreSQL, the Prefect server writes task-run states and events in batches, flushed at
+least once a second: by default it wrote each task-run event alone (batches of 1) and events 20
+at a time, and every attempt of every job sends three. Not on SQLite (the embedded default),
+whose one writer a longer batch holds longer. A setting already in the environment wins."""
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -198,7 +199,6 @@ class Stack:
             **self.extra_env,
         }
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-        env.update({k: v for k, v in PREFECT_SERVER_BATCHING.items() if k not in env})
         if self.settings.prefect_api_url:
             env["PREFECT_API_URL"] = self.settings.prefect_api_url
         return env
@@ -224,6 +224,8 @@ class Stack:
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": url,
         }
+        if env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql"):
+            env = {**PREFECT_SERVER_BATCHING, **env}
         prefect = str(Path(sys.executable).with_name("prefect"))
         argv = [prefect, "server", "start", "--host", PREFECT_HOST, "--port", str(port)]
         # Prefect takes a port, not a socket: from this close until it listens (its imports,
