@@ -66,10 +66,12 @@ PREFECT_SERVER_BATCHING = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
-"""On PostgreSQL, the Prefect server writes task-run states and events in batches, flushed at
-least once a second: by default it wrote each task-run event alone (batches of 1) and events 20
-at a time, and every attempt of every job sends three. Not on SQLite (the embedded default),
-whose one writer a longer batch holds longer. A setting already in the environment wins."""
+"""The Prefect server writes task-run states and events in batches, flushed at least once a
+second: by default it wrote each task-run event alone (batches of 1) and events 20 at a time,
+and every attempt of every job sends three. On SQLite (the embedded default) that many small
+write transactions starved its API: with a 5,000-task job running, a new job's flow run was
+not created for minutes (``tests/integration/test_fairness.py``). A setting already in the
+environment wins."""
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -224,8 +226,7 @@ class Stack:
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": url,
         }
-        if env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql"):
-            env = {**PREFECT_SERVER_BATCHING, **env}
+        env = {**PREFECT_SERVER_BATCHING, **env}
         prefect = str(Path(sys.executable).with_name("prefect"))
         argv = [prefect, "server", "start", "--host", PREFECT_HOST, "--port", str(port)]
         # Prefect takes a port, not a socket: from this close until it listens (its imports,
