@@ -12,12 +12,22 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp
 
 from deepflow.api import create_app
 from deepflow.config import Settings
+from deepflow.dag import ResourceClass
 from deepflow.launcher import free_port
-from deepflow.store import Database, create_api_key
+from deepflow.store import (
+    Database,
+    InstanceState,
+    create_api_key,
+    create_deployment,
+    create_instance,
+    set_instance_state,
+)
+from deepflow.store.orm import Deployment
 
 
 @dataclass
@@ -41,6 +51,26 @@ def api(db: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]
         _, other = create_api_key(s, "globex")
     with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
         yield Api(client, db, key, other)
+
+
+def ready_deployment(session: Session, tenant_id: str, model: str, address: str) -> Deployment:
+    """A deployment of ``model`` with one instance ready at ``address`` (a stand-in server):
+    what the gateway routes to, without an engine."""
+    dep = create_deployment(
+        session,
+        tenant_id,
+        name=model,
+        model_path=f"/models/{model}",
+        replicas=1,
+        resource_class=ResourceClass.CPU,
+        policy="round_robin",
+    )
+    ready = create_instance(
+        session, tenant_id, model_name=model, device="cpu", deployment_id=dep.id, address=address
+    )
+    session.flush()
+    set_instance_state(session, ready.id, InstanceState.READY)
+    return dep
 
 
 @contextmanager

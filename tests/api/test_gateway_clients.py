@@ -20,15 +20,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from deepflow.dag import ResourceClass
 from deepflow.store import (
-    InstanceState,
-    create_deployment,
-    create_instance,
     ensure_tenant,
-    set_instance_state,
 )
-from tests.api.conftest import Api, serve
+from tests.api.conftest import Api, ready_deployment, serve
 
 CHUNKS = 400
 PAD = "x" * 1000  # ~1 KB an event: the stream is larger than the sockets' buffers
@@ -75,21 +70,7 @@ def gateway(api: Api, live_api: str) -> Iterator[tuple[str, Instance]]:
     instance = Instance()
     with serve(instance.app()) as address:
         with api.db.transaction() as s:
-            owner = ensure_tenant(s, "acme")
-            dep = create_deployment(
-                s,
-                owner.id,
-                name="m",
-                model_path="/models/m",
-                replicas=1,
-                resource_class=ResourceClass.CPU,
-                policy="round_robin",
-            )
-            ready = create_instance(
-                s, owner.id, model_name="m", device="cpu", deployment_id=dep.id, address=address
-            )
-            s.flush()
-            set_instance_state(s, ready.id, InstanceState.READY)
+            ready_deployment(s, ensure_tenant(s, "acme").id, "m", address)
         yield live_api, instance
 
 

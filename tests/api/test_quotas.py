@@ -11,18 +11,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deepflow.dag import ResourceClass
 from deepflow.quotas import Buckets, Limits, Quotas
 from deepflow.store import (
-    InstanceState,
     KeyScope,
     create_api_key,
-    create_deployment,
-    create_instance,
-    set_instance_state,
     set_tenant_limits,
 )
-from tests.api.conftest import Api, serve
+from tests.api.conftest import Api, ready_deployment, serve
 
 DAG = {"kind": "dag", "spec": {"tasks": [{"name": "a", "operator": "noop"}]}}
 
@@ -182,19 +177,7 @@ def test_tokens_per_minute_limit_inference_through_the_gateway(api: Api, clock: 
     with serve(instance) as address:
         with api.db.transaction() as s:
             owner = set_tenant_limits(s, "acme", tokens_per_minute=1000)
-            dep = create_deployment(
-                s,
-                owner.id,
-                name="tiny",
-                model_path="/models/tiny",
-                replicas=1,
-                resource_class=ResourceClass.CPU,
-                policy="round_robin",
-            )
-            common = {"model_name": "tiny", "device": "cpu", "deployment_id": dep.id}
-            ready = create_instance(s, owner.id, address=address, **common)
-            s.flush()
-            set_instance_state(s, ready.id, InstanceState.READY)
+            ready_deployment(s, owner.id, "tiny", address)
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
 
         def chat() -> Any:

@@ -15,21 +15,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deepflow.dag import ResourceClass
 from deepflow.store import (
-    InstanceState,
     Job,
     ModelVersionState,
-    create_deployment,
-    create_instance,
     ensure_tenant,
     register_model_version,
-    set_instance_state,
     set_model_version_state,
 )
 from deepflow.store.logs import write_task_log
 from deepflow.store.types import utcnow
-from tests.api.conftest import Api, serve
+from tests.api.conftest import Api, ready_deployment, serve
 
 SECRET_MODEL = "acme-secret-model"
 PUBLIC = {"/health", "/ui/api/session"}
@@ -56,19 +51,7 @@ def _acme_world(api: Api, address: str) -> dict[str, str]:
         acme = ensure_tenant(s, "acme")
         version = register_model_version(s, acme.id, SECRET_MODEL, "/models/secret")
         set_model_version_state(s, version.id, ModelVersionState.READY)
-        dep = create_deployment(
-            s,
-            acme.id,
-            name=SECRET_MODEL,
-            model_path="/models/secret",
-            replicas=1,
-            resource_class=ResourceClass.CPU,
-            policy="round_robin",
-        )
-        common = {"model_name": SECRET_MODEL, "device": "cpu", "deployment_id": dep.id}
-        ready = create_instance(s, acme.id, address=address, **common)
-        s.flush()
-        set_instance_state(s, ready.id, InstanceState.READY)
+        dep = ready_deployment(s, acme.id, SECRET_MODEL, address)
         row = s.get(Job, job["id"])
         assert row is not None
         now = utcnow()
