@@ -78,11 +78,7 @@ def bench_deepflow(runs: int, home: Path) -> tuple[list[float], list[float]]:
         prefect_port=free_port(),
     )
     schema.upgrade(settings.database_url)
-    prefect_db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db_name}_prefect"
-    stack = Stack(
-        settings,
-        {"PREFECT_UI_ENABLED": "false", "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db},
-    )
+    stack = Stack(settings, {"PREFECT_UI_ENABLED": "false"})  # Prefect on f"{db_name}_prefect"
     api = None
     walls: list[float] = []
     inner: list[float] = []

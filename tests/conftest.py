@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from deepflow.config import normalize_database_url
+from deepflow.prefect_database import PREFECT_DATABASE_SUFFIX
 from deepflow.store import Base, Database, schema
 
 PG_SERVER = normalize_database_url(
@@ -89,10 +90,12 @@ def create_pg_database(prefix: str = "deepflow_test") -> str:
 
 
 def drop_pg_database(url: str) -> None:
+    """Drop the database and the Prefect server's beside it, if a Stack made one."""
     name = make_url(url).database
     admin = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for db in (name, f"{name}{PREFECT_DATABASE_SUFFIX}"):
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
     admin.dispose()
 
 

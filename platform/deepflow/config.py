@@ -58,6 +58,9 @@ class Settings:
     api_port: int = 8000
     prefect_api_url: str | None = None
     """An existing Prefect server's API (DEEPFLOW_PREFECT_API_URL); ``up`` starts one if unset."""
+    prefect_database_url: str | None = None
+    """The database of the Prefect server ``up`` starts (DEEPFLOW_PREFECT_DATABASE_URL). None:
+    a database of its own beside ours (``prefect_database``)."""
     prefect_port: int | None = None
     """Where ``up`` starts its Prefect server (DEEPFLOW_PREFECT_PORT); ``up`` stops if it is
     taken. None: Prefect's 4200, or the first free port after it (``claims``)."""
@@ -110,6 +113,7 @@ class Settings:
             api_port=port,
             prefect_port=_env_port("DEEPFLOW_PREFECT_PORT"),
             prefect_api_url=os.environ.get("DEEPFLOW_PREFECT_API_URL") or None,
+            prefect_database_url=os.environ.get("DEEPFLOW_PREFECT_DATABASE_URL") or None,
             lease_ttl_s=_env_float("DEEPFLOW_LEASE_TTL_S", 30.0),
             reconcile_interval_s=_env_float("DEEPFLOW_RECONCILE_INTERVAL_S", 5.0),
             driver_ttl_s=_env_float("DEEPFLOW_DRIVER_TTL_S", 30.0),
@@ -147,6 +151,8 @@ class Settings:
         }
         if self.prefect_api_url:
             env["DEEPFLOW_PREFECT_API_URL"] = self.prefect_api_url
+        if self.prefect_database_url:
+            env["DEEPFLOW_PREFECT_DATABASE_URL"] = self.prefect_database_url
         if self.prefect_port is not None:
             env["DEEPFLOW_PREFECT_PORT"] = str(self.prefect_port)
         return env

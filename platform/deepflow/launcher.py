@@ -1,12 +1,13 @@
 """``deepflow up``: the whole platform on one machine, on the embedded defaults.
 
 ``Stack`` starts the parts as child processes: a Prefect server (``prefect server start``,
-SQLite, telemetry off), the Prefect runner that serves our job-kind deployments, and Celery
-workers on the configured broker (kombu's filesystem transport by default). ``up`` adds the
-API with the lease reconciler and job dispatcher in its own process, prints the URLs, an
-API key and each part's health, and stops everything on Ctrl-C. Each child's output goes to
-``DEEPFLOW_HOME/logs/<part>.log``. Integration tests and benchmarks use the same ``Stack``.
-What ``up`` takes (its home, its ports) is checked as its own (``claims``).
+telemetry off, on a database of its own beside ours: ``prefect_database``), the Prefect
+runner that serves our job-kind deployments, and Celery workers on the configured broker
+(kombu's filesystem transport by default). ``up`` adds the API with the lease reconciler and
+job dispatcher in its own process, prints the URLs, an API key and each part's health, and
+stops everything on Ctrl-C. Each child's output goes to ``DEEPFLOW_HOME/logs/<part>.log``.
+Integration tests and benchmarks use the same ``Stack``. What ``up`` takes (its home, its
+ports) is checked as its own (``claims``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from deepflow.claims import (
 )
 from deepflow.config import Settings
 from deepflow.dispatch import Dispatcher, deployment_name
+from deepflow.prefect_database import ensure_prefect_database, prefect_database_url
 from deepflow.procutil import die_with_parent, freeze_heap
 from deepflow.replicas.supervisor import Supervisor, stop_local_instances
 from deepflow.store import (
@@ -220,8 +222,12 @@ class Stack:
         home = self.settings.home / "prefect"
         home.mkdir(parents=True, exist_ok=True)
         url = f"http://{PREFECT_HOST}:{port}/api"
+        database = prefect_database_url(
+            self.settings.database_url, self.settings.home, self.settings.prefect_database_url
+        )
+        ensure_prefect_database(database)
         env = {
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database,
             **self.env(),  # extra_env may name another database (postgresql+asyncpg://...)
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": url,
