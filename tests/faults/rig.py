@@ -435,12 +435,13 @@ class Rig:
                 t.join(CHAT_TIMEOUT_S + 70)
 
     # -- checks -------------------------------------------------------------------------
-    def recover(self, since: float, bound_s: float = RECOVERY_S) -> float | None:
+    def recover(self, since: float, bound_s: float = RECOVERY_S) -> tuple[float | None, str]:
         """Seconds from ``since`` (the fault) until a new job finishes and a chat completes
-        with the deployment at its replica count."""
+        with the deployment at its replica count; None and what was still missing if that
+        did not happen within ``bound_s``."""
         deadline = since + bound_s
         probe = Load()
-        job_done = chat_done = False
+        job_done = chat_done = ready = False
         while time.monotonic() < deadline:
             if not job_done:
                 spec = {"tasks": [{"name": "probe", "operator": "noop"}]}
@@ -448,10 +449,20 @@ class Rig:
                 job_done = job_id is not None and self.wait_job(job_id, deadline) == "succeeded"
             if not chat_done:
                 chat_done = self.chat_once(None, 0, max_tokens=4) == "ok"
-            if job_done and chat_done and self.deployment_ready():
-                return time.monotonic() - since
+            ready = self.deployment_ready()
+            if job_done and chat_done and ready:
+                return time.monotonic() - since, ""
             time.sleep(0.3)
-        return None
+        missing = [
+            what
+            for what, done in (
+                ("a new job finished", job_done),
+                ("a chat completed", chat_done),
+                ("the deployment at its replica count", ready),
+            )
+            if not done
+        ]
+        return None, ", ".join(missing)
 
     def wait_job(self, job_id: str, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -550,11 +561,11 @@ class Rig:
             time.sleep(after_s)
             if heal is not None:
                 heal()
-        recovery = self.recover(injected, recovery_s)
+        recovery, missing = self.recover(injected, recovery_s)
         states = self.settle(load, settle_s)
         retried, problems = self.audit(load.jobs)
         if recovery is None:
-            problems.append(f"no new job finished within {recovery_s:.0f} s of the fault")
+            problems.append(f"not within {recovery_s:.0f} s of the fault: {missing}")
         unfinished = [j for j, s in states.items() if s not in TERMINAL]
         if unfinished:
             problems.append(f"{len(unfinished)} accepted jobs never ended: {unfinished[:5]}")
