@@ -56,7 +56,8 @@ def main() -> int:
                     rows.append(row)
                     print(
                         f"[round {n + 1}/{args.rounds}, {time.monotonic() - start:.0f} s] "
-                        f"{name}: lost {row.requests_lost}, recovery {row.cells()[-1]} s, "
+                        f"{name}: lost {row.requests_lost}, recovery {row.cells()[-1]} s "
+                        f"({row.recovered}), "
                         f"problems {row.problems or 'none'}",
                         flush=True,
                     )

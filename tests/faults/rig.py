@@ -84,6 +84,8 @@ class Row:
     recovery_s: float | None
     """None: the platform did not serve again within the round's bound."""
     problems: list[str]
+    recovered: str = ""
+    """When the new job, the chat and the replicas each came back, in seconds from the fault."""
 
     HEADER = (
         "fault",
@@ -437,32 +439,30 @@ class Rig:
     # -- checks -------------------------------------------------------------------------
     def recover(self, since: float, bound_s: float = RECOVERY_S) -> tuple[float | None, str]:
         """Seconds from ``since`` (the fault) until a new job finishes and a chat completes
-        with the deployment at its replica count; None and what was still missing if that
-        did not happen within ``bound_s``."""
+        with the deployment at its replica count (None if not within ``bound_s``), and when
+        each of the three came, or that it did not."""
         deadline = since + bound_s
         probe = Load()
-        job_done = chat_done = ready = False
-        while time.monotonic() < deadline:
-            if not job_done:
+        came: dict[str, float] = {}
+        while time.monotonic() < deadline and len(came) < 3:
+            if "job" not in came:
                 spec = {"tasks": [{"name": "probe", "operator": "noop"}]}
                 job_id = self.submit(probe, spec, retry_s=max(deadline - time.monotonic(), 1))
-                job_done = job_id is not None and self.wait_job(job_id, deadline) == "succeeded"
-            if not chat_done:
-                chat_done = self.chat_once(None, 0, max_tokens=4) == "ok"
-            ready = self.deployment_ready()
-            if job_done and chat_done and ready:
-                return time.monotonic() - since, ""
-            time.sleep(0.3)
-        missing = [
-            what
-            for what, done in (
-                ("a new job finished", job_done),
-                ("a chat completed", chat_done),
-                ("the deployment at its replica count", ready),
-            )
-            if not done
-        ]
-        return None, ", ".join(missing)
+                if job_id is not None and self.wait_job(job_id, deadline) == "succeeded":
+                    came["job"] = time.monotonic() - since
+            if "chat" not in came and self.chat_once(None, 0, max_tokens=4) == "ok":
+                came["chat"] = time.monotonic() - since
+            if self.deployment_ready():
+                came.setdefault("replicas", time.monotonic() - since)
+            else:
+                came.pop("replicas", None)
+            if len(came) < 3:
+                time.sleep(0.3)
+        detail = ", ".join(
+            f"{what} {came[what]:.1f} s" if what in came else f"no {what}"
+            for what in ("job", "chat", "replicas")
+        )
+        return (max(came.values()) if len(came) == 3 else None), detail
 
     def wait_job(self, job_id: str, deadline: float) -> str:
         while time.monotonic() < deadline:
@@ -561,11 +561,11 @@ class Rig:
             time.sleep(after_s)
             if heal is not None:
                 heal()
-        recovery, missing = self.recover(injected, recovery_s)
+        recovery, recovered = self.recover(injected, recovery_s)
         states = self.settle(load, settle_s)
         retried, problems = self.audit(load.jobs)
         if recovery is None:
-            problems.append(f"not within {recovery_s:.0f} s of the fault: {missing}")
+            problems.append(f"not recovered within {recovery_s:.0f} s: {recovered}")
         unfinished = [j for j, s in states.items() if s not in TERMINAL]
         if unfinished:
             problems.append(f"{len(unfinished)} accepted jobs never ended: {unfinished[:5]}")
@@ -582,5 +582,6 @@ class Rig:
             requests_failed_cleanly=load.chats["failed"] + load.job_refusals,
             requests_lost=load.chats["lost"],
             recovery_s=recovery,
+            recovered=recovered,
             problems=problems,
         )
