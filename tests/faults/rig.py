@@ -85,7 +85,8 @@ class Row:
     """None: the platform did not serve again within the round's bound."""
     problems: list[str]
     recovered: str = ""
-    """When the new job, the chat and the replicas each came back, in seconds from the fault."""
+    """When the load's last request ended, and when the new job, the chat and the replicas each
+    came back, in seconds from the fault."""
 
     HEADER = (
         "fault",
@@ -561,7 +562,9 @@ class Rig:
             time.sleep(after_s)
             if heal is not None:
                 heal()
+        drained = time.monotonic() - injected  # the load's requests in flight have ended
         recovery, recovered = self.recover(injected, recovery_s)
+        recovered = f"load drained {drained:.1f} s, {recovered}"
         states = self.settle(load, settle_s)
         retried, problems = self.audit(load.jobs)
         if recovery is None:
