@@ -106,5 +106,5 @@ FAULTS: dict[str, Callable[[Rig, Load], Callable[[], None] | None]] = {
     "restart the API": restart_api,
     "fill the KV cache": fill_kv_cache,
     "SIGKILL deepflow up, start it again": kill_up,
-    "fill the disk": fill_disk,  # last: the platform does not recover from it yet
+    "fill the disk": fill_disk,  # last: the jobs accepted while it fills are a backlog after
 }
