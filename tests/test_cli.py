@@ -245,6 +245,11 @@ def test_job_commands_against_a_running_up(tmp_path: Path) -> None:
         assert proc.wait(timeout=10) == 0
         after = _deepflow("status", env=env)
         assert after.returncode == 1 and "not running" in after.stdout
+        # Secrets are never logged: the key every command above sent is in no part's log.
+        key = (tmp_path / "api_key").read_text().strip()
+        logs = sorted((tmp_path / "logs").glob("*.log"))
+        assert len(logs) >= 3, logs
+        assert [p.name for p in logs if key in p.read_text(errors="replace")] == []
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
