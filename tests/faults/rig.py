@@ -160,6 +160,8 @@ class Rig:
         self.deployment_id = ""
         self.db: Database | None = None
         self.http = httpx.Client(timeout=30)
+        self.extra_env: dict[str, str] = {}
+        """More environment for the platform's processes (a benchmark's variant)."""
 
     # -- the platform -------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -177,6 +179,7 @@ class Rig:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **self.extra_env,
         }
 
     @property
