@@ -58,7 +58,7 @@ def launch(home: Path, port: int) -> subprocess.Popen[str]:
     env = {**os.environ, "DEEPFLOW_HOME": str(home), "DEEPFLOW_PREFECT_PORT": str(free_port())}
     env["DEEPFLOW_RECONCILE_INTERVAL_S"] = "1"
     return subprocess.Popen(
-        [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "deepflow.cli", "up", "--model", "tiny", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

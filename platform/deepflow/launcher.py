@@ -380,10 +380,13 @@ def free_port() -> int:
 
 
 def up(
-    settings: Settings, host: str | None = None, port: int | None = None, model: bool = True
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    model: str | None = "smollm2",
 ) -> int:
-    """The whole platform on this machine; with ``model``, it also deploys the quick-start
-    model and prints how to call it."""
+    """The whole platform on this machine; with ``model`` (a ``quickstart.CHOICES`` key), it
+    also deploys that quick-start model and prints how to call it."""
     settings = dataclasses.replace(
         settings, api_host=host or settings.api_host, api_port=port or settings.api_port
     )
@@ -394,7 +397,7 @@ def up(
         os.close(lock)
 
 
-def _up(settings: Settings, model: bool) -> int:
+def _up(settings: Settings, model: str | None) -> int:
     # Both ports before anything starts or is written, so a taken one stops `up` at once.
     api_sock = claim_port(settings.api_host, settings.api_port, API_PORT_SETTING, "the API's")
     prefect_sock = None
@@ -412,9 +415,10 @@ def _up(settings: Settings, model: bool) -> int:
     # SIGTERM stops everything as Ctrl-C does (uvicorn re-raises the signal it handled once
     # it has shut down; with the default handler the process would die before cleaning up).
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    served = None
     if model:
         print("preparing the quick-start model ...", flush=True)
-        quickstart.ensure_model(settings, DEFAULT_TENANT)
+        served = quickstart.ensure_model(settings, DEFAULT_TENANT, model)
     stack = Stack(settings)
     try:
         if settings.prefect_api_url:
@@ -424,7 +428,7 @@ def _up(settings: Settings, model: bool) -> int:
             stack.start_prefect_server(prefect_sock)
         stack.start_prefect_worker()
         stack.start_worker("cpu")
-        return _serve_api(stack, api_sock, key, model)
+        return _serve_api(stack, api_sock, key, served)
     finally:
         remove_up(settings)
         db = get_database(stack.settings.database_url)
@@ -439,7 +443,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve_api(stack: Stack, sock: socket.socket, key: str, model: bool) -> int:
+def _serve_api(stack: Stack, sock: socket.socket, key: str, model: str | None) -> int:
     os.environ.update(stack.env())  # the API's own Prefect client reads PREFECT_API_URL
     api = ApiServer(stack.settings, sock=sock)
     threading.Thread(target=_report, args=(stack, api, key, model), daemon=True).start()
@@ -447,19 +451,19 @@ def _serve_api(stack: Stack, sock: socket.socket, key: str, model: bool) -> int:
     return 0
 
 
-def _serve_model(url: str, key: str) -> None:
-    print(f"deploying {quickstart.MODEL} (a deploy job launches its engine daemon) ...", flush=True)
+def _serve_model(url: str, key: str, model: str) -> None:
+    print(f"deploying {model} (a deploy job launches its engine daemon) ...", flush=True)
     try:
-        deployment = quickstart.deploy(url, key)
+        deployment = quickstart.deploy(url, key, model)
     except Exception as exc:
-        print(f"!! could not serve {quickstart.MODEL}: {exc}", flush=True)
+        print(f"!! could not serve {model}: {exc}", flush=True)
         return
-    print(f"Serving {quickstart.MODEL} (deployment {deployment['id']}). Try:", flush=True)
-    for line in quickstart.usage_lines(url, key):
+    print(f"Serving {model} (deployment {deployment['id']}). Try:", flush=True)
+    for line in quickstart.usage_lines(url, key, model):
         print(f"  {line}", flush=True)
 
 
-def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
+def _report(stack: Stack, api: ApiServer, key: str, model: str | None) -> None:
     """Print the banner once the API answers, then say when a part dies."""
     server, reconciler = api.server, api.reconciler
     while not server.started and not server.should_exit:
@@ -490,7 +494,7 @@ def _report(stack: Stack, api: ApiServer, key: str, model: bool) -> None:
     print("               deepflow jobs · deepflow status · deepflow down")
     print("Ctrl-C (or `deepflow down`) stops everything.", flush=True)
     if model:
-        threading.Thread(target=_serve_model, args=(url, key), daemon=True).start()
+        threading.Thread(target=_serve_model, args=(url, key, model), daemon=True).start()
     _supervise(stack, lambda: bool(server.should_exit))
 
 

@@ -33,7 +33,7 @@ def test_ctrl_c_of_up_leaves_no_process(tmp_path: Path) -> None:
     }
     port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "deepflow.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "deepflow.cli", "up", "--model", "tiny", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,53 @@
+"""``deepflow models import FILE.gguf``: a GGUF file made a registered, servable model version.
+
+The folder goes under ``DEEPFLOW_HOME/models/NAME/`` (one per import, never overwritten) and
+is registered, ready, for the tenant; a deployment of NAME then serves its newest version.
+Only the machine's operator imports: the API names models, never paths.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepflow.config import Settings
+from deepflow.store import (
+    ModelVersionState,
+    ensure_tenant,
+    get_database,
+    register_model_version,
+    set_model_version_state,
+)
+
+
+@dataclass(frozen=True)
+class Imported:
+    name: str
+    version: int
+    folder: Path
+
+
+def default_name(source: Path) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``smollm2-135m-instruct``: the quantization
+    suffix names the file, not the model."""
+    return source.name.split(".")[0].lower()
+
+
+def import_model(
+    settings: Settings, source: Path, name: str, tenant: str, dtype: str = "float32"
+) -> Imported:
+    from deepflow.engine.gguf_import import import_gguf
+
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is not a file")
+    folder = settings.ensure_home() / "models" / name / uuid.uuid4().hex[:12]
+    import_gguf(source, folder, dtype)
+    db = get_database(settings.database_url)
+    details = {"source": str(source), "format": "gguf", "dtype": dtype}
+    with db.transaction() as session:
+        owner = ensure_tenant(session, tenant)
+        version = register_model_version(session, owner.id, name, str(folder), details)
+        set_model_version_state(session, version.id, ModelVersionState.READY)
+        number = version.version
+    return Imported(name, number, folder)
