@@ -10,9 +10,10 @@ from typing import Any
 from tests.api.conftest import Api
 
 HOST_ACCESS = re.compile(
-    r"(path|dir|folder|file|command|cmd|argv|script|exec|shell|url|uri|host|endpoint)s?$", re.I
+    r"(path|dir|folder|command|cmd|argv|script|exec|shell|url|uri|host|endpoint)s?$", re.I
 )
-"""Field names that would hand the caller a path, a process or a fetch on the host."""
+"""Field names that would hand the caller a path, a process or a fetch on the host. A "file"
+here is an upload's content or the id of one (``/v1/files``), never a path."""
 
 
 def _properties(schema: dict[str, Any], defs: dict[str, Any], seen: set[str]) -> set[str]:

@@ -1,5 +1,5 @@
 """Tenant isolation on every route: another tenant's key can neither read, change nor route
-to a tenant's jobs, task logs, models or deployments, nor see them in any list.
+to a tenant's jobs, task logs, models, deployments or files, nor see them in any list.
 
 Routes are taken from the app's OpenAPI document, so a route added later is checked too (or
 fails the test until it is given a place here)."""
@@ -27,6 +27,11 @@ from deepflow.store.types import utcnow
 from tests.api.conftest import Api, ready_deployment, serve
 
 SECRET_MODEL = "acme-secret-model"
+SECRET_FILE = "acme-secret.jsonl"
+SECRET_LINE = (
+    b'{"messages": [{"role": "user", "content": "acme secret"}, '
+    b'{"role": "assistant", "content": "ok"}]}\n'
+)
 PUBLIC = {"/health", "/ui/api/session"}
 """Routes that name no tenant's resources (the session route describes the caller)."""
 BODIES: dict[tuple[str, str], Any] = {
@@ -65,7 +70,19 @@ def _acme_world(api: Api, address: str) -> dict[str, str]:
             started_at=now - timedelta(seconds=1),
             finished_at=now,
         )
-        return {"job_id": job["id"], "deployment_id": dep.id, "task_name": "x"}
+    upload = api.client.post(
+        "/v1/files",
+        files={"file": (SECRET_FILE, SECRET_LINE)},
+        data={"purpose": "fine-tune"},
+        headers=api.headers(),
+    )
+    assert upload.status_code == 200, upload.text
+    return {
+        "job_id": job["id"],
+        "deployment_id": dep.id,
+        "task_name": "x",
+        "file_id": upload.json()["id"],
+    }
 
 
 def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> None:
@@ -84,6 +101,7 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
     with serve(stub) as address:
         ids = _acme_world(api, address)
         secrets = [ids["job_id"], ids["deployment_id"], SECRET_MODEL, "acme's secret log line"]
+        secrets += [ids["file_id"], SECRET_FILE, "acme secret"]
         # acme itself can route to its model: the stub answers
         body = BODIES[("POST", "/v1/chat/completions")]
         assert (
@@ -115,6 +133,8 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
                     assert r.json()["error"]["code"] == "model_not_found", where
                 elif path == "/v1/deployments":  # globex has no model of that name
                     assert r.status_code == 404, where
+                elif path == "/v1/files":  # a JSON body, not the multipart upload
+                    assert r.status_code == 400, where
                 else:
                     assert path == "/v1/jobs" and r.status_code == 201, where
                 asked = url + str(BODIES.get((method, path)))  # what an error may echo
@@ -131,6 +151,8 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
     assert dep["replicas"] == 1 and dep["state"] not in ("deleting", "deleted")
     jobs = api.client.get("/v1/jobs", headers=api.headers()).json()["data"]
     assert [j["id"] for j in jobs] == [ids["job_id"]]  # globex's job is globex's alone
+    content = api.client.get(f"/v1/files/{ids['file_id']}/content", headers=api.headers())
+    assert content.content == SECRET_LINE
 
 
 def test_a_job_cannot_name_the_platforms_own_operators(api: Api) -> None:

@@ -6,7 +6,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import dashboard, deployments, docs, errors, jobs, limits
+from deepflow.api import dashboard, deployments, docs, errors, files, jobs, limits
 from deepflow.api.deps import no_nul_parameters
 from deepflow.config import Settings
 from deepflow.dag import operators
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     docs.install(app)
     app.include_router(jobs.router)
     app.include_router(deployments.router)
+    app.include_router(files.router)
     gateway.install(app)
 
     @app.get("/health", tags=["health"])

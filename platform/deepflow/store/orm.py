@@ -257,6 +257,23 @@ class ModelVersion(Base):
     model: Mapped[Model] = relationship(back_populates="versions")
 
 
+class File(Base):
+    """An uploaded file (``/v1/files``): its content lives in the files directory under its
+    id (``deepflow.files``); the row is written only once the content is complete."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    lines: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Deployment(Base):
     """A served model: what users asked for (replicas, routing policy). Its instances are
     launched, replaced and stopped by ``serve`` jobs that converge them on ``replicas``."""
