@@ -30,6 +30,7 @@ CHOICES = {"smollm2": SMOLLM2, "tiny": TINY}
 """``up --model`` choices and the model names they register."""
 READY_TIMEOUT_S = 300.0
 QUESTION = "What is the capital of France?"
+"""Asked greedily (temperature 0): a 135M model sampled at temperature 1 often rambles."""
 
 
 def ensure_model(settings: Settings, tenant: str, choice: str = "smollm2") -> str:
@@ -96,7 +97,7 @@ def deploy(api_url: str, key: str, model: str) -> dict[str, Any]:
 def usage_lines(api_url: str, key: str, model: str) -> list[str]:
     body = (
         f'{{"model": "{model}", "messages": [{{"role": "user", "content": "{QUESTION}"}}], '
-        '"max_tokens": 32}'
+        '"max_tokens": 32, "temperature": 0}'
     )
     curl = (
         f"curl -s {api_url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
@@ -105,7 +106,7 @@ def usage_lines(api_url: str, key: str, model: str) -> list[str]:
     client = (  # this interpreter: plain `python` may be another, without openai
         f'{sys.executable} -c "import openai; '
         f"c = openai.OpenAI(base_url='{api_url}/v1', api_key='{key}'); "
-        f"print(c.chat.completions.create(model='{model}', max_tokens=32, "
+        f"print(c.chat.completions.create(model='{model}', max_tokens=32, temperature=0, "
         f"messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)\""
     )
     return [curl, client]
