@@ -41,6 +41,8 @@ def check(purpose: str, data: bytes) -> int:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidFile(f"line {number}: not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InvalidFile(f"line {number}: nested too deeply") from None
         if not isinstance(record, dict):
             raise InvalidFile(f"line {number}: a JSON object is expected")
         problem = _fine_tune(record) if purpose == "fine-tune" else _batch(record, number, seen)
