@@ -34,8 +34,16 @@ KEEPALIVE_S = 20.0
 """How long an idle pooled connection is reused: well below the engine daemon's keep-alive
 (``engine/daemon/main.py: KEEP_ALIVE_S``), so the gateway drops a connection before the daemon
 closes it under a request that is being sent."""
+KEEPALIVE_CONNECTIONS = 16
+"""Idle connections to instances kept for reuse. httpcore's pool scans its idle connections
+against all of them each time a request starts or a response closes (quadratic): with 512
+allowed, 200 streams' worth of idle connections held the gateway's event loop for up to 2.7 s
+under tests/replicas/test_load.py's burst (py-spy: the pool's scan was most of its time), and a
+client's hang-up reached its instance ~1,100-1,400 tokens late; with 16, ~570."""
 LIMITS = httpx.Limits(
-    max_connections=4096, max_keepalive_connections=512, keepalive_expiry=KEEPALIVE_S
+    max_connections=4096,
+    max_keepalive_connections=KEEPALIVE_CONNECTIONS,
+    keepalive_expiry=KEEPALIVE_S,
 )
 
 
