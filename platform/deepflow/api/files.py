@@ -5,7 +5,9 @@ limit (DEEPFLOW_MAX_BODY_BYTES)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -15,6 +17,7 @@ from pydantic import BaseModel
 from deepflow import files
 from deepflow.api.deps import DB, CurrentTenant
 from deepflow.openai_errors import OpenAIError
+from deepflow.store import Database
 from deepflow.store import files as file_rows
 from deepflow.store.orm import File as FileRow
 from deepflow.store.types import new_id
@@ -86,23 +89,31 @@ async def upload_file(
             param="purpose",
             code="invalid_purpose",
         )
-    name = _clean_name(file.filename)
     data = await file.read()
+    # The check, the fsync and the insert block: off the event loop the gateway shares.
+    home = request.app.state.settings.home
+    return await asyncio.to_thread(
+        _store, db, home, tenant.id, purpose, _clean_name(file.filename), data
+    )
+
+
+def _store(
+    db: Database, home: Path, tenant_id: str, purpose: str, name: str, data: bytes
+) -> FileObject:
     try:
         lines = files.check(purpose, data)
     except files.InvalidFile as exc:
         raise OpenAIError(400, f"{name}: {exc}", param="file", code="invalid_file") from None
-    home = request.app.state.settings.home
     file_id = new_id("file")
-    sha256 = files.save(home, tenant.id, file_id, data)
+    sha256 = files.save(home, tenant_id, file_id, data)
     try:
         with db.transaction() as session:
             row = file_rows.add_file(
-                session, file_id, tenant.id, purpose, name, len(data), sha256, lines
+                session, file_id, tenant_id, purpose, name, len(data), sha256, lines
             )
             return FileObject.of(row)
     except BaseException:
-        files.remove(home, tenant.id, file_id)  # no row, no content
+        files.remove(home, tenant_id, file_id)  # no row, no content
         raise
 
 

