@@ -15,7 +15,7 @@ from deepflow.api.errors import APIError
 from deepflow.api.schemas import NO_NUL
 from deepflow.dag.spec import ResourceClass
 from deepflow.replicas.converge import converge
-from deepflow.store import Deployment, DeploymentState, Instance, ModelVersionState
+from deepflow.store import Deployment, DeploymentState, Instance
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 
@@ -127,16 +127,15 @@ def _read(db: Any, tenant_id: str, deployment_id: str) -> DeploymentResponse:
 
 
 def _model_path(session: Any, tenant_id: str, name: str) -> str:
-    model = store.read_model(session, tenant_id, name)
-    ready = [v for v in model.versions if v.state is ModelVersionState.READY]
-    if not ready:
+    version = store.newest_ready_version(session, tenant_id, name)
+    if version is None:
         raise APIError(
             400,
             f"model {name!r} has no ready version to serve",
             param="model",
             code="model_not_ready",
         )
-    return max(ready, key=lambda v: v.version).uri
+    return version.uri
 
 
 @router.post("", status_code=201, response_model=DeploymentResponse)

@@ -42,7 +42,12 @@ from deepflow.store.jobs import (
     read_job_events,
 )
 from deepflow.store.leases import Reconciler, expire_leases
-from deepflow.store.model_registry import list_models, read_model, register_model_version
+from deepflow.store.model_registry import (
+    list_models,
+    newest_ready_version,
+    read_model,
+    register_model_version,
+)
 from deepflow.store.orm import (
     ApiKey,
     Base,
@@ -138,6 +143,7 @@ __all__ = [
     "list_instances",
     "list_jobs",
     "list_models",
+    "newest_ready_version",
     "orphaned_jobs",
     "queue_task",
     "read_deployment",

@@ -51,6 +51,14 @@ def read_model(session: Session, tenant_id: str, name: str) -> Model:
     return model
 
 
+def newest_ready_version(session: Session, tenant_id: str, name: str) -> ModelVersion | None:
+    """The version of ``name`` that serving, batches and fine-tuning use: its newest ready one
+    (None when it has none); NotFound when the tenant has no model of that name."""
+    versions = read_model(session, tenant_id, name).versions
+    ready = [v for v in versions if v.state is ModelVersionState.READY]
+    return max(ready, key=lambda v: v.version) if ready else None
+
+
 def list_models(session: Session, tenant_id: str) -> list[Model]:
     stmt = (
         select(Model)
