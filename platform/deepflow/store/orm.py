@@ -385,3 +385,50 @@ class TaskLog(Base):
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Batch(Base):
+    """A batch of OpenAI requests (``/v1/batches``), run by its ``batch`` job. What OpenAI's
+    Batch object shows and the job does not hold: the input and result files, the model
+    version it pinned at creation, and the moments it entered each phase. Its request
+    counts are its shards' (``BatchShard``)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(8))
+    model: Mapped[str] = mapped_column(String(200))
+    model_uri: Mapped[str] = mapped_column(Text)
+    """The weights of the model's newest ready version when the batch was created."""
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    """OpenAI's ``metadata`` (the attribute name ``metadata`` is SQLAlchemy's)."""
+    total: Mapped[int] = mapped_column(Integer)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+
+
+class BatchShard(Base):
+    """One shard's progress, written by its running attempt as requests finish. Counts are
+    absolute (a retried attempt resumes from the shard's results and rewrites them), so
+    summing the shards gives the batch's ``request_counts`` without double counting."""
+
+    __tablename__ = "batch_shards"
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
