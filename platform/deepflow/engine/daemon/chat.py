@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -21,7 +20,6 @@ from deepflow.engine.daemon.engine_server import (
     collect_or_abort,
     engine_dead,
 )
-from deepflow.engine.daemon.errors import bad_request
 from deepflow.engine.daemon.formatting import (
     DONE,
     ChoiceState,
@@ -44,19 +42,10 @@ router = APIRouter()
 @router.post("/v1/chat/completions", responses=STREAMED)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     server: EngineServer = request.app.state.flowserve
-    server.check_model(body.model)
-    body.check_supported()
-    params = body.sampling_params(body.output_limit, body.engine_logprobs)
-    messages = body.template_messages()
-    server.check_prompt_size("".join(str(m.get("content") or "") for m in messages), "messages")
-    try:
-        text = await asyncio.to_thread(server.tokenizer.apply_chat_template, messages)
-    except (jinja2.TemplateError, ValueError) as exc:
-        raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
-    prompt = await server.encode(text, "messages", add_special_tokens=False)
-    server.validate([prompt], params, "messages")
-    admitted = server.generate([prompt], params)
-    reply = _Reply(server, body, f"chatcmpl-{uuid.uuid4().hex}")
+    # In a thread: the event loop keeps streaming others while a long prompt is tokenised.
+    prepared = await asyncio.to_thread(server.preparer.chat, body)
+    admitted = server.generate(prepared.prompts, prepared.params)
+    reply = ChatReply(server.model_name, server.tokenizer, body, f"chatcmpl-{uuid.uuid4().hex}")
     if body.stream:
         return EngineStreamResponse(reply.stream(admitted), admitted)
     try:
@@ -68,11 +57,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return JSONResponse(reply.full(last[0]))
 
 
-class _Reply:
-    def __init__(self, server: EngineServer, body: ChatCompletionRequest, reply_id: str):
-        self.server = server
+class ChatReply:
+    """The response body (``full``) or stream of one request; batches build theirs with it."""
+
+    def __init__(self, model_name: str, tokenizer: Any, body: ChatCompletionRequest, reply_id: str):
+        self.tokenizer = tokenizer
         self.body = body
-        self.head = {"id": reply_id, "created": int(time.time()), "model": server.model_name}
+        self.head = {"id": reply_id, "created": int(time.time()), "model": model_name}
 
     def full(self, out: RequestOutput) -> dict[str, Any]:
         choices = [
@@ -156,5 +147,5 @@ class _Reply:
         return {"content": content}
 
     def _token(self, token_id: int, logprob: float, lp: Any) -> dict[str, Any]:
-        text = token_text(self.server.tokenizer, token_id, lp)
+        text = token_text(self.tokenizer, token_id, lp)
         return {"token": text, "logprob": clamp(logprob), "bytes": list(text.encode())}

@@ -3,6 +3,7 @@ logprobs, streaming as ``text_completion`` chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,15 +42,10 @@ router = APIRouter()
 @router.post("/v1/completions", responses=STREAMED)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     server: EngineServer = request.app.state.flowserve
-    server.check_model(body.model)
-    body.check_supported()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
-    prompts = [
-        await server.encode(p, "prompt") if isinstance(p, str) else p for p in body.prompts()
-    ]
-    server.validate(prompts, params, "prompt")
-    admitted = server.generate(prompts, params)
-    reply = _Reply(server, body, f"cmpl-{uuid.uuid4().hex}")
+    # In a thread: the event loop keeps streaming others while long prompts are tokenised.
+    prepared = await asyncio.to_thread(server.preparer.completion, body)
+    admitted = server.generate(prepared.prompts, prepared.params)
+    reply = CompletionReply(server.model_name, server.tokenizer, body, f"cmpl-{uuid.uuid4().hex}")
     if body.stream:
         return EngineStreamResponse(reply.stream(admitted), admitted)
     try:
@@ -61,15 +57,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return JSONResponse(reply.full(last))
 
 
-class _Reply:
-    def __init__(self, server: EngineServer, body: CompletionRequest, reply_id: str) -> None:
-        self.server = server
+class CompletionReply:
+    """The response body (``full``) or stream of one request; batches build theirs with it."""
+
+    def __init__(
+        self, model_name: str, tokenizer: Any, body: CompletionRequest, reply_id: str
+    ) -> None:
+        self.tokenizer = tokenizer
         self.body = body
         self.head = {
             "id": reply_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": server.model_name,
+            "model": model_name,
         }
 
     def full(self, last: dict[int, RequestOutput]) -> dict[str, Any]:
@@ -126,11 +126,11 @@ class _Reply:
         offsets: list[int] = []
         for token_id, entry in new_logprobs(choice, state.logprobs_sent):
             chosen, best = chosen_and_top(entry, token_id, top)
-            text = token_text(self.server.tokenizer, token_id, chosen)
+            text = token_text(self.tokenizer, token_id, chosen)
             tokens.append(text)
             token_logprobs.append(clamp(chosen.logprob))
             top_logprobs.append(
-                {token_text(self.server.tokenizer, t, lp): clamp(lp.logprob) for t, lp in best}
+                {token_text(self.tokenizer, t, lp): clamp(lp.logprob) for t, lp in best}
             )
             offsets.append(state.text_offset)
             state.text_offset += len(text)

@@ -1,5 +1,6 @@
-"""The engine as the routes see it: admission (429 over capacity, 503 draining), validation
-(400), the streams of running requests with their metrics, and the drain.
+"""The engine as the routes see it: admission (429 over capacity, 503 draining), request
+bodies made prompts (``prepare``: 400s and 404s), the streams of running requests with their
+metrics, and the drain.
 
 A request counts as *queued* from its admission until its first token. A new request is
 refused with 429 when the queued ones would exceed ``max_waiting``: the count is kept here,
@@ -18,8 +19,9 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from deepflow.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from deepflow.engine.daemon.errors import OpenAIError, bad_request
+from deepflow.engine.daemon.errors import OpenAIError
 from deepflow.engine.daemon.metrics import DaemonMetrics
+from deepflow.engine.daemon.prepare import Preparer
 from deepflow.engine.llm_engine import EngineStats, RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
 
@@ -44,14 +46,12 @@ class EngineServer:
         self.engine = engine
         self.model_name = model_name
         """The id responses carry."""
-        self.model_names = tuple(dict.fromkeys((model_name, *aliases)))
-        """Every id a request may ask for: the model name, then its aliases."""
+        self.preparer = Preparer(engine.engine, (model_name, *aliases))
+        """Request bodies made prompts and SamplingParams (the routes call it in a thread)."""
+        self.model_names = self.preparer.model_names
         self.max_waiting = max_waiting
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len: int = engine.engine.max_model_len
-        self.max_prompt_bytes = self.max_model_len * self.tokenizer.longest_token_bytes()
-        """Text longer than this (UTF-8) cannot fit the context whatever its tokens: refused
-        before it is tokenised, which for megabytes takes seconds."""
         self.metrics = DaemonMetrics(model_name, self.stats)
         self.created = int(time.time())
         self.draining = False
@@ -67,35 +67,9 @@ class EngineServer:
     def engine_error(self) -> BaseException | None:
         return self.engine.error
 
-    # ---- tokenising ---------------------------------------------------------------------------
-    def check_prompt_size(self, text: str, param: str) -> None:
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > self.max_prompt_bytes:
-            raise bad_request(
-                f"the prompt is {size} bytes: more than this model's context of "
-                f"{self.max_model_len} tokens can hold",
-                param,
-                "context_length_exceeded",
-            )
-
-    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``, after the size check, in a worker thread: the event loop
-        keeps answering /health and streaming others while a long prompt is tokenised."""
-        self.check_prompt_size(text, param)
-        return await asyncio.to_thread(
-            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
-        )
-
-    # ---- admission and validation -----------------------------------------------------------
+    # ---- admission -------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
-        if model not in self.model_names:
-            served = " or ".join(map(repr, self.model_names))
-            raise OpenAIError(
-                404,
-                f"the model {model!r} does not exist; this server has {served}",
-                param="model",
-                code="model_not_found",
-            )
+        self.preparer.check_model(model)
 
     def check_admission(self, count: int) -> None:
         if self.draining:
@@ -111,28 +85,6 @@ class EngineServer:
                 f"(at most {self.max_waiting}); retry later",
                 code="over_capacity",
             )
-
-    def validate(self, prompts: list[list[int]], params: SamplingParams, prompt_param: str) -> None:
-        """The engine's own checks (tokens in the vocabulary, the prompt fits, n fits), then
-        OpenAI's: prompt plus max_tokens must fit the context."""
-        for ids in prompts:
-            try:
-                self.engine.engine.make_request("validate", ids, params)
-            except ValueError as exc:
-                message = str(exc)
-                param = (
-                    "n"
-                    if message.startswith("n=")
-                    else ("stop_token_ids" if "stop_token_ids" in message else prompt_param)
-                )
-                raise bad_request(message, param) from None
-            if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-                raise bad_request(
-                    f"this model's context holds {self.max_model_len} tokens; the request "
-                    f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the prompt, "
-                    f"{params.max_tokens} to generate)",
-                    "max_tokens",
-                )
 
     # ---- running requests -------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Admitted:
@@ -295,4 +247,3 @@ async def collect_or_abort(request: Request, stream: Admitted) -> dict[int, Requ
 
 def engine_dead(exc: EngineDeadError) -> OpenAIError:
     return OpenAIError(500, f"the engine failed: {exc}", code="engine_dead")
-

@@ -13,13 +13,21 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepflow.openai_errors import OpenAIError, error_body, error_response, format_loc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OpenAIError", "bad_request", "error_body", "error_response", "install_error_handlers"]
+__all__ = [
+    "OpenAIError",
+    "bad_request",
+    "error_body",
+    "error_response",
+    "install_error_handlers",
+    "validation_error",
+]
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> OpenAIError:
@@ -34,7 +42,9 @@ def _is_union_member(part: int | str) -> bool:
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "literal"}
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
+def validation_error(exc: RequestValidationError | ValidationError) -> OpenAIError:
+    """A body that does not parse, as the 400 naming its first bad field (batches map their
+    lines' bodies with it too)."""
     errors = [(e, [p for p in e.get("loc", ()) if p != "body"]) for e in exc.errors()]
     err, loc = errors[0]
     if err.get("type") == "json_invalid":
@@ -74,7 +84,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        error = _validation_error(exc)
+        error = validation_error(exc)
         return error_response(error.status, error.message, error.param, error.code)
 
     @app.exception_handler(StarletteHTTPException)

@@ -107,6 +107,10 @@ class CompletionRequest(_SamplingRequest):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
 
+    def engine_params(self) -> SamplingParams:
+        self.check_supported()
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
     def check_supported(self) -> None:
         if self.echo:
             raise bad_request("echo is not supported", "echo", "unsupported")
@@ -162,6 +166,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def engine_params(self) -> SamplingParams:
+        self.check_supported()
+        return self.sampling_params(self.output_limit, self.engine_logprobs)
 
     def check_supported(self) -> None:
         if self.tools:
