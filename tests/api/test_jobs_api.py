@@ -71,7 +71,7 @@ def test_list_filters_and_paginates(api: Api) -> None:
     ("kind", "spec", "code", "says"),
     [
         ("deploy", {"deployment_id": "d", "launch": 1}, "use_deployments", "POST /v1/deployments"),
-        ("finetune", {"model": "tiny", "training_file": "f"}, "kind_not_implemented", "finetune"),
+        ("finetune", {"model": "tiny", "training_file": "f"}, "use_fine_tuning", "fine_tuning"),
         ("batch", {"model": "tiny", "input_file": "f"}, "kind_not_implemented", "batch"),
     ],
 )

@@ -17,7 +17,7 @@ SPECS: dict[str, dict[str, Any]] = {
 }
 REFUSED = {
     "deploy": "use_deployments",
-    "finetune": "kind_not_implemented",
+    "finetune": "use_fine_tuning",
     "batch": "kind_not_implemented",
 }
 

@@ -20,6 +20,7 @@ from deepflow.api.schemas import (
     JobSummary,
 )
 from deepflow.dag import JobState
+from deepflow.store import Tenant
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -38,15 +39,9 @@ def create_job(
     limits.check_spec_size(settings, body.spec)
     plan = dag.plan_user_job(body.kind, body.spec)
     limits.check_task_count(settings, plan)
+    job_id, created = submit_job(request, tenant, plan, body.kind, body.idempotency_key)
     with db.transaction() as session:
-        job, created = store.create_job(session, tenant.id, plan, body.kind, body.idempotency_key)
-        if created:
-            request.app.state.quotas.check_active_jobs(session, tenant)
-    dispatcher = request.app.state.dispatcher
-    if created and dispatcher is not None:
-        dispatcher.try_dispatch(job.id, body.kind)
-    with db.transaction() as session:
-        out = job_response(session, tenant.id, job.id)
+        out = job_response(session, tenant.id, job_id)
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
@@ -101,6 +96,22 @@ def read_job_events(
         events = store.read_job_events(session, tenant.id, job_id, after=after, limit=limit + 1)
         data = [EventResponse.of(e) for e in events[:limit]]
     return EventList(data=data, has_more=len(events) > limit)
+
+
+def submit_job(
+    request: Request, tenant: Tenant, plan: dag.Plan, kind: str, idempotency_key: str | None
+) -> tuple[str, bool]:
+    """Store a planned job (within the tenant's active-job quota) and start its flow run;
+    (its id, whether it is new). The one way every API that makes a job makes it."""
+    with request.app.state.db.transaction() as session:
+        job, created = store.create_job(session, tenant.id, plan, kind, idempotency_key)
+        if created:
+            request.app.state.quotas.check_active_jobs(session, tenant)
+        job_id = job.id
+    dispatcher = request.app.state.dispatcher
+    if created and dispatcher is not None:
+        dispatcher.try_dispatch(job_id, kind)
+    return job_id, created
 
 
 def job_response(session: Session, tenant_id: str, job_id: str) -> JobResponse:

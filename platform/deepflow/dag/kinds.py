@@ -4,8 +4,9 @@
 small spec and generate their DAG's shape here; their operators are declared by name and
 implemented by the serving, fine-tuning and batch modules.
 
-Not every kind is taken from users: ``deploy`` jobs are made by the deployments API, and
-``finetune`` and ``batch`` have no operators yet. Each ``JobKind`` says so (``refusal``),
+Not every kind is taken from users: ``deploy`` jobs are made by the deployments API,
+``finetune`` jobs by the fine-tuning API (which checks the files against the model before
+anything is queued), and ``batch`` has no operators yet. Each ``JobKind`` says so (``refusal``),
 and ``plan_user_job`` is the one check every way in for a user's job applies (our API's
 ``POST /v1/jobs``, a flow run started from Prefect with a spec).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -48,19 +49,54 @@ class DeploySpec(BaseModel):
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int = Field(default=1, ge=1, le=100)
+    n_epochs: int = Field(default=3, ge=1, le=100)
     batch_size: int = Field(default=8, ge=1, le=4096)
     learning_rate_multiplier: float = Field(default=1.0, gt=0.0, le=100.0)
 
 
+class Lora(BaseModel):
+    """Train low-rank adapters (peft's LoRA) on every linear layer instead of all weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0.0, le=1024.0)
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: Lora | None = None
+    """None: full fine-tuning (every weight trains)."""
+
+
+class Method(BaseModel):
+    """OpenAI's ``method``; only ``supervised`` is offered, with LoRA as our extension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised = Field(default_factory=Supervised)
+
+
 class FinetuneSpec(BaseModel):
+    """A fine-tuning job as ``/v1/fine_tuning/jobs`` takes it (files by id, model by name)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: str | None = Field(default=None, max_length=64)
+    training_file: str = Field(min_length=1, max_length=40)
+    validation_file: str | None = Field(default=None, max_length=40)
+    method: Method = Field(default_factory=Method)
+    suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    checkpoint_every: int = Field(default=10, ge=1, le=100_000)
+    """Optimizer steps between checkpoints (a killed worker redoes at most this many)."""
+    max_seq_len: int = Field(default=1024, ge=16, le=131_072)
+    """Longest example in tokens; a longer one is refused at creation, naming its line."""
+    deploy: bool = False
+    """Deploy the fine-tuned model (one replica) once it is registered."""
     resource_class: ResourceClass = ResourceClass.CPU
 
 
@@ -131,32 +167,50 @@ def _deploy_tasks(spec: DeploySpec) -> list[TaskSpec]:
     return tasks
 
 
+TRAIN_RETRIES = 3
+"""A killed worker's training attempt resumes from its last checkpoint in the next attempt."""
+
+
 def _finetune_tasks(spec: FinetuneSpec) -> list[TaskSpec]:
-    args = spec.model_dump(mode="json", exclude={"resource_class"})
-    return [
+    args = {"job": spec.model_dump(mode="json", exclude={"resource_class"})}
+    on_device = {"resource_class": spec.resource_class}
+    tasks = [
         TaskSpec(name="validate_data", operator="finetune.validate_data", args=args),
+        TaskSpec(
+            name="tokenize", operator="finetune.tokenize", args=args, depends_on=["validate_data"]
+        ),
         TaskSpec(
             name="train",
             operator="finetune.train",
             args=args,
-            depends_on=["validate_data"],
-            resource_class=spec.resource_class,
+            depends_on=["tokenize"],
             timeout_s=24 * 3600.0,
+            retries=TRAIN_RETRIES,
+            **on_device,
         ),
         TaskSpec(
             name="evaluate",
             operator="finetune.evaluate",
             args=args,
             depends_on=["train"],
-            resource_class=spec.resource_class,
+            retries=1,
+            **on_device,
         ),
         TaskSpec(
             name="register_model",
             operator="finetune.register_model",
             args=args,
             depends_on=["evaluate"],
+            retries=1,
         ),
     ]
+    if spec.deploy:
+        tasks.append(
+            TaskSpec(
+                name="deploy", operator="finetune.deploy", args=args, depends_on=["register_model"]
+            )
+        )
+    return tasks
 
 
 def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
@@ -221,8 +275,17 @@ KINDS: dict[str, JobKind] = {
                 "deploy jobs are made by the deployments API: POST /v1/deployments",
             ),
         ),
-        # Accepted once the fine-tuning and batch operators land.
-        JobKind("finetune", FinetuneSpec, _finetune_tasks, _not_implemented("finetune")),
+        # Accepted once the batch operators land.
+        JobKind(
+            "finetune",
+            FinetuneSpec,
+            _finetune_tasks,
+            Refusal(
+                "use_fine_tuning",
+                "finetune jobs are made by the fine-tuning API, which checks their files "
+                "first: POST /v1/fine_tuning/jobs",
+            ),
+        ),
         JobKind("batch", BatchSpec, _batch_tasks, _not_implemented("batch")),
     )
 }
@@ -233,10 +296,12 @@ for _name, _what in [
     ("deploy.health_check", "Waits until a replica answers its health check."),
     ("deploy.stop_instance", "Drains an instance and waits until it exited."),
     ("deploy.update_deployment", "Settles the deployment's state on its live instances."),
-    ("finetune.validate_data", "Checks the training file."),
-    ("finetune.train", "Runs the fine-tuning loop."),
-    ("finetune.evaluate", "Scores the trained weights."),
+    ("finetune.validate_data", "Checks the training and validation files."),
+    ("finetune.tokenize", "Renders and tokenizes the examples with the chat template."),
+    ("finetune.train", "Runs the training loop, with checkpoints."),
+    ("finetune.evaluate", "Scores the trained weights on held-out data."),
     ("finetune.register_model", "Registers the weights as a new model version."),
+    ("finetune.deploy", "Deploys the fine-tuned model."),
     ("batch.split_input", "Splits the input file into shards."),
     ("batch.run_shard", "Runs one shard's prompts through an engine."),
     ("batch.merge_results", "Joins shard outputs into one result file."),

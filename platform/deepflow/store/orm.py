@@ -157,6 +157,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    paused_at: Mapped[datetime | None]
+    """Set while its user has paused it (fine-tuning: training stops at a checkpoint)."""
 
     tasks: Mapped[list[Task]] = relationship(
         back_populates="job", order_by="Task.position", cascade="all, delete-orphan"
@@ -271,6 +273,41 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     lines: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingStep(Base):
+    """One optimizer step of a fine-tuning job: the loss curve. A step redone after a killed
+    worker replaces the row of the attempt that died (``store.fine_tuning``)."""
+
+    __tablename__ = "training_steps"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float] = mapped_column(Float)
+    tokens: Mapped[int] = mapped_column(Integer)
+    """Tokens the loss was taken over (assistant tokens) in this step."""
+    learning_rate: Mapped[float] = mapped_column(Float)
+    valid_loss: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Checkpoint(Base):
+    """Trainable weights and optimizer state saved at a step, complete on disk before the row
+    is written: what a resumed training attempt starts from."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    train_loss: Mapped[float] = mapped_column(Float)
+    valid_loss: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -431,4 +468,6 @@ class BatchShard(Base):
     shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
