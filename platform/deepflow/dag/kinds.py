@@ -6,8 +6,8 @@ implemented by the serving, fine-tuning and batch modules.
 
 Not every kind is taken from users: ``deploy`` jobs are made by the deployments API,
 ``finetune`` jobs by the fine-tuning API (which checks the files against the model before
-anything is queued), and ``batch`` has no operators yet. Each ``JobKind`` says so (``refusal``),
-and ``plan_user_job`` is the one check every way in for a user's job applies (our API's
+anything is queued), and ``batch`` jobs by the Batch API (which checks the input file and the
+model first). Each ``JobKind`` says so (``refusal``), and ``plan_user_job`` is the one check every way in for a user's job applies (our API's
 ``POST /v1/jobs``, a flow run started from Prefect with a spec).
 """
 
@@ -101,10 +101,13 @@ class FinetuneSpec(BaseModel):
 
 
 class BatchSpec(BaseModel):
+    """A batch as ``/v1/batches`` makes it: its model and input file (by id), split into
+    ``num_shards`` tasks that each run their part of the file through an offline engine."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
-    input_file: str = Field(min_length=1)
+    input_file: str = Field(min_length=1, max_length=40)
     num_shards: int = Field(default=1, ge=1, le=256)
     resource_class: ResourceClass = ResourceClass.CPU
 
@@ -172,7 +175,7 @@ TRAIN_RETRIES = 3
 
 
 def _finetune_tasks(spec: FinetuneSpec) -> list[TaskSpec]:
-    args = {"job": spec.model_dump(mode="json", exclude={"resource_class"})}
+    args = {"job": spec.model_dump(mode="json")}
     on_device = {"resource_class": spec.resource_class}
     tasks = [
         TaskSpec(name="validate_data", operator="finetune.validate_data", args=args),
@@ -213,6 +216,10 @@ def _finetune_tasks(spec: FinetuneSpec) -> list[TaskSpec]:
     return tasks
 
 
+BATCH_WINDOW_S = 24 * 3600.0
+"""OpenAI's completion window: a shard may run that long (the batch expires after it)."""
+
+
 def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
     args = {"model": spec.model, "input_file": spec.input_file, "num_shards": spec.num_shards}
     shards = [
@@ -222,18 +229,20 @@ def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
             args={**args, "shard": i},
             depends_on=["split_input"],
             resource_class=spec.resource_class,
-            retries=2,
+            timeout_s=BATCH_WINDOW_S,
+            retries=2,  # a retried shard resumes from the results it has written
         )
         for i in range(spec.num_shards)
     ]
     return [
-        TaskSpec(name="split_input", operator="batch.split_input", args=args),
+        TaskSpec(name="split_input", operator="batch.split_input", args=args, retries=1),
         *shards,
         TaskSpec(
             name="merge_results",
             operator="batch.merge_results",
             args=args,
             depends_on=[s.name for s in shards],
+            retries=1,
         ),
     ]
 
@@ -244,13 +253,6 @@ class Refusal:
 
     code: str
     message: str
-
-
-def _not_implemented(kind: str) -> Refusal:
-    return Refusal(
-        "kind_not_implemented",
-        f"{kind} jobs are not available yet: their operators ({kind}.*) are not implemented",
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +277,6 @@ KINDS: dict[str, JobKind] = {
                 "deploy jobs are made by the deployments API: POST /v1/deployments",
             ),
         ),
-        # Accepted once the batch operators land.
         JobKind(
             "finetune",
             FinetuneSpec,
@@ -286,7 +287,16 @@ KINDS: dict[str, JobKind] = {
                 "first: POST /v1/fine_tuning/jobs",
             ),
         ),
-        JobKind("batch", BatchSpec, _batch_tasks, _not_implemented("batch")),
+        JobKind(
+            "batch",
+            BatchSpec,
+            _batch_tasks,
+            Refusal(
+                "use_batches",
+                "batch jobs are made by the Batch API, which checks the input file and the "
+                "model first: POST /v1/batches",
+            ),
+        ),
     )
 }
 
@@ -303,8 +313,8 @@ for _name, _what in [
     ("finetune.register_model", "Registers the weights as a new model version."),
     ("finetune.deploy", "Deploys the fine-tuned model."),
     ("batch.split_input", "Splits the input file into shards."),
-    ("batch.run_shard", "Runs one shard's prompts through an engine."),
-    ("batch.merge_results", "Joins shard outputs into one result file."),
+    ("batch.run_shard", "Runs one shard's requests through an offline engine."),
+    ("batch.merge_results", "Writes the output and error files in the input's order."),
 ]:
     operators.declare(_name, _what)
 

@@ -200,7 +200,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        loss = float(loss_value)
+        loss = float(loss_value.detach())
         progress.step(step, epoch, loss, count, lr)
         print(f"step {step}/{total} epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e}", flush=True)
         pause = progress.paused()
