@@ -1,5 +1,5 @@
 """Batches (``/v1/batches``): a row per batch beside its ``batch`` job, and a row per shard
-holding its live request counts.
+holding its live request counts and token usage.
 
 Revision ID: 0008
 Revises: 0007
@@ -57,6 +57,8 @@ def upgrade() -> None:
         sa.Column("shard", sa.Integer(), nullable=False),
         sa.Column("completed", sa.Integer(), nullable=False),
         sa.Column("failed", sa.Integer(), nullable=False),
+        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["batch_id"],

@@ -76,7 +76,7 @@ BAD_BODIES = [
     ),
     ({"kind": "dag", "spec": {"tasks": [_task("a", retries=-1)]}}, "invalid_spec", None),
     ({"kind": "finetune", "spec": {"model": "m"}}, "use_fine_tuning", "kind"),
-    ({"kind": "batch", "spec": {"model": "m"}}, "kind_not_implemented", "kind"),
+    ({"kind": "batch", "spec": {"model": "m"}}, "use_batches", "kind"),
     ({"kind": "deploy", "spec": {"deployment_id": "d", "launch": 1}}, "use_deployments", "kind"),
 ]
 

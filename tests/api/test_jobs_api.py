@@ -72,7 +72,7 @@ def test_list_filters_and_paginates(api: Api) -> None:
     [
         ("deploy", {"deployment_id": "d", "launch": 1}, "use_deployments", "POST /v1/deployments"),
         ("finetune", {"model": "tiny", "training_file": "f"}, "use_fine_tuning", "fine_tuning"),
-        ("batch", {"model": "tiny", "input_file": "f"}, "kind_not_implemented", "batch"),
+        ("batch", {"model": "tiny", "input_file": "f"}, "use_batches", "POST /v1/batches"),
     ],
 )
 def test_kinds_users_may_not_submit_are_refused(

@@ -18,7 +18,7 @@ SPECS: dict[str, dict[str, Any]] = {
 REFUSED = {
     "deploy": "use_deployments",
     "finetune": "use_fine_tuning",
-    "batch": "kind_not_implemented",
+    "batch": "use_batches",
 }
 
 
@@ -55,11 +55,8 @@ def test_an_unknown_kind_is_unknown_to_users_too() -> None:
     assert (info.value.param, info.value.code) == ("kind", "unknown_kind")
 
 
-@pytest.mark.parametrize(
-    "kind", [k for k, code in REFUSED.items() if code == "kind_not_implemented"]
-)
-def test_kinds_refused_as_not_implemented_lack_operators(kind: str) -> None:
-    """Fails once every operator the kind's DAG names has an implementation: then the kind
-    is no longer refused (drop its ``refusal`` in dag/kinds.py)."""
-    names = {t.operator for t in plan(kind, SPECS[kind]).tasks}
-    assert any(operators.get(name).run is None for name in names), names
+def test_batch_operators_are_implemented_and_run_by_the_platform_only() -> None:
+    """The Batch API makes batch jobs; their operators find the batch by the job's id."""
+    for task in plan("batch", {**SPECS["batch"], "num_shards": 3}).tasks:
+        op = operators.get(task.operator)
+        assert op.run is not None and op.internal and op.takes_context, task.operator

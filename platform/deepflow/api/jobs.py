@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -34,7 +35,7 @@ def create_job(
 ) -> JobResponse:
     """Create a job and start its flow run; 201 with its tasks and edges, or 200 when an
     idempotency key replays an earlier request. A kind users may not submit is a 400 on
-    ``kind`` (``use_deployments``, ``kind_not_implemented``)."""
+    ``kind`` (``use_deployments``, ``use_fine_tuning``, ``use_batches``)."""
     settings = request.app.state.settings
     limits.check_spec_size(settings, body.spec)
     plan = dag.plan_user_job(body.kind, body.spec)
@@ -99,14 +100,23 @@ def read_job_events(
 
 
 def submit_job(
-    request: Request, tenant: Tenant, plan: dag.Plan, kind: str, idempotency_key: str | None
+    request: Request,
+    tenant: Tenant,
+    plan: dag.Plan,
+    kind: str,
+    idempotency_key: str | None,
+    with_job: Callable[[Session, str], object] | None = None,
 ) -> tuple[str, bool]:
     """Store a planned job (within the tenant's active-job quota) and start its flow run;
-    (its id, whether it is new). The one way every API that makes a job makes it."""
+    (its id, whether it is new). The one way every API that makes a job makes it.
+    ``with_job(session, job_id)`` adds what belongs to a new job (a batch's row) in the same
+    transaction, so its flow run never starts without it."""
     with request.app.state.db.transaction() as session:
         job, created = store.create_job(session, tenant.id, plan, kind, idempotency_key)
         if created:
             request.app.state.quotas.check_active_jobs(session, tenant)
+            if with_job is not None:
+                with_job(session, job.id)
         job_id = job.id
     dispatcher = request.app.state.dispatcher
     if created and dispatcher is not None:

@@ -7,8 +7,9 @@ implemented by the serving, fine-tuning and batch modules.
 Not every kind is taken from users: ``deploy`` jobs are made by the deployments API,
 ``finetune`` jobs by the fine-tuning API (which checks the files against the model before
 anything is queued), and ``batch`` jobs by the Batch API (which checks the input file and the
-model first). Each ``JobKind`` says so (``refusal``), and ``plan_user_job`` is the one check every way in for a user's job applies (our API's
-``POST /v1/jobs``, a flow run started from Prefect with a spec).
+model first). Each ``JobKind`` says so (``refusal``), and ``plan_user_job`` is the one check
+every way in for a user's job applies (our API's ``POST /v1/jobs``, a flow run started from
+Prefect with a spec).
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ session; the functions flush but never commit. State changes go only through
 ``set_*_state`` (and the task-attempt functions built on it), each writing its Event.
 """
 
+from deepflow.store.batches import (
+    BatchPage,
+    BatchView,
+    cancel_batch,
+    create_batch,
+    list_batches,
+    read_batch,
+)
 from deepflow.store.db import Database, get_database
 from deepflow.store.deployments import (
     create_deployment,
@@ -51,6 +59,8 @@ from deepflow.store.model_registry import (
 from deepflow.store.orm import (
     ApiKey,
     Base,
+    Batch,
+    BatchShard,
     Deployment,
     DeploymentState,
     Event,
@@ -94,6 +104,10 @@ from deepflow.store.transitions import (
 __all__ = [
     "ApiKey",
     "Base",
+    "Batch",
+    "BatchPage",
+    "BatchShard",
+    "BatchView",
     "Conflict",
     "Database",
     "Deployment",
@@ -122,10 +136,12 @@ __all__ = [
     "advance_job",
     "attach_flow_run",
     "authenticate",
+    "cancel_batch",
     "cancel_job",
     "claim_driver",
     "claim_task",
     "create_api_key",
+    "create_batch",
     "create_deployment",
     "create_instance",
     "create_job",
@@ -139,6 +155,7 @@ __all__ = [
     "heartbeat_task",
     "job_dag",
     "job_edges",
+    "list_batches",
     "list_deployments",
     "list_instances",
     "list_jobs",
@@ -146,6 +163,7 @@ __all__ = [
     "newest_ready_version",
     "orphaned_jobs",
     "queue_task",
+    "read_batch",
     "read_deployment",
     "read_job",
     "read_job_events",
