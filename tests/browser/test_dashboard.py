@@ -21,6 +21,7 @@ from deepflow.store import (
     InstanceState,
     claim_task,
     create_instance,
+    fine_tuning,
     queue_task,
     set_instance_state,
     succeed_task,
@@ -246,13 +247,18 @@ def _finetune_with_loss(api: BareApi, tenant_key: str) -> None:
         assert tenant is not None
         spec = {"model": "tiny-llama", "training_file": "file-train.jsonl"}
         job, _ = store.create_job(s, tenant.id, dag.plan("finetune", spec), "finetune")
-        train = next(t for t in job.tasks if t.name == "train")
-    for task in (t for t in job.tasks if t.name in ("validate_data", "train")):
+    for task in (t for t in job.tasks if t.name in ("validate_data", "tokenize")):
         with api.db.transaction() as s:
             queued = queue_task(s, task.id)
             claim_task(s, task.id, "browser-test", queued.attempt, 30.0)
-            output = {"loss_history": LOSS} if task.id == train.id else {"rows": 100}
-            succeed_task(s, task.id, "browser-test", queued.attempt, output)
+            succeed_task(s, task.id, "browser-test", queued.attempt, {"rows": 100})
+    with api.db.transaction() as s:  # what the training loop records, step by step
+        for step, loss in LOSS[1:]:
+            held_out = loss + 0.05 if step % 4 == 0 else None
+            fine_tuning.record_step(
+                s, job.id, job.tenant_id, step=step, epoch=0, train_loss=loss, tokens=50,
+                learning_rate=1e-3, valid_loss=held_out,
+            )  # fmt: skip
 
 
 def test_deployment_instances_charts_and_loss(
@@ -292,7 +298,8 @@ def test_deployment_instances_charts_and_loss(
         expect(page.locator("#deployment-picker")).to_have_value(deployment)
         for chart in ("m-ttft", "m-tpot", "m-throughput", "m-load", "m-kv"):
             expect(page.locator(f"#{chart} path.line").first).to_have_attribute("d", LINE)
-        expect(page.locator("#loss-curves figure path.line")).to_have_count(1)
+        # The fine-tuning job's curve: training loss and held-out loss.
+        expect(page.locator("#loss-curves figure path.line")).to_have_count(2)
         screenshot(page, "metrics", tmp_path)
     finally:
         stop.set()

@@ -148,7 +148,15 @@ def _plan(spec: dict[str, Any], base_uri: str) -> Any:
         learning_rate=rate,
         seed=spec["seed"],
         checkpoint_every=spec["checkpoint_every"],
+        device=_device(spec),
     )
+
+
+def _device(spec: dict[str, Any]) -> str:
+    """The accelerator of the worker's resource class (the first it is pinned to), or cpu."""
+    from deepflow.engine.device import Device
+
+    return str(Device.pick(spec["resource_class"]).torch_device)
 
 
 class _StoreProgress:
@@ -236,7 +244,7 @@ def _trained_model(spec: dict[str, Any], base: str, checkpoint: Path) -> Any:
     from deepflow.finetune.train import load_model, load_trainable
 
     lora = spec["method"]["supervised"].get("lora")
-    model = load_model(Path(base), lora, spec["seed"])
+    model = load_model(Path(base), lora, spec["seed"], _device(spec))
     load_trainable(model, checkpoint)
     return model
 
@@ -250,7 +258,7 @@ def _samples(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = messages[:last]
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=model.device)
         with torch.no_grad():
             generated = model.generate(
                 input_ids=ids,
@@ -274,7 +282,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     base = checked["base"]["uri"]
     _, valid_set = data.load(job_folder(context["job_id"]) / "examples.json")
     batch = spec["method"]["supervised"]["hyperparameters"]["batch_size"]
-    base_loss = mean_loss(load_model(Path(base), None, spec["seed"]), valid_set, batch)
+    base_model = load_model(Path(base), None, spec["seed"], _device(spec))
+    base_loss = mean_loss(base_model, valid_set, batch)
+    del base_model
     trained = _trained_model(spec, base, Path(context["upstream"]["train"]["checkpoint"]))
     valid_loss = mean_loss(trained, valid_set, batch)
     source = checked.get("validation_file") or checked["training_file"]
@@ -299,7 +309,7 @@ def save_merged(spec: dict[str, Any], base: str, checkpoint: Path, folder: Path)
     temporary name and renamed: a folder that exists is complete."""
     import torch
 
-    model = _trained_model(spec, base, checkpoint)
+    model = _trained_model(spec | {"resource_class": "cpu"}, base, checkpoint)
     if spec["method"]["supervised"].get("lora"):
         model = model.merge_and_unload()
     partial = folder.with_name(folder.name + ".partial")

@@ -51,13 +51,18 @@ class Plan:
     learning_rate: float
     seed: int
     checkpoint_every: int
+    device: str = "cpu"
+    """A torch device: the worker's accelerator (``finetune.operators`` picks it)."""
 
 
-def load_model(base: Path, lora: dict[str, Any] | None, seed: int) -> torch.nn.Module:
-    """The base model in float32, with fresh LoRA adapters on every linear layer if asked."""
+def load_model(
+    base: Path, lora: dict[str, Any] | None, seed: int, device: str = "cpu"
+) -> torch.nn.Module:
+    """The base model in float32 on ``device``, with fresh LoRA adapters on every linear layer
+    if asked."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device)
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -74,7 +79,9 @@ def load_model(base: Path, lora: dict[str, Any] | None, seed: int) -> torch.nn.M
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def load_trainable(model: torch.nn.Module, folder: Path) -> None:
@@ -98,7 +105,8 @@ def packed(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def loss_sum(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the examples' targets, and how many targets there were."""
-    ids, positions, targets = packed(examples)
+    device = next(model.parameters()).device
+    ids, positions, targets = (t.to(device) for t in packed(examples))
     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     total = F.cross_entropy(
         logits.view(-1, logits.shape[-1]).float(),
@@ -175,7 +183,7 @@ def train(
     """Train from the base (or ``resume``, a checkpoint folder) to the last step, reporting
     each step and checkpoint. The last step always ends in a checkpoint: the trained weights."""
     torch.manual_seed(plan.seed)
-    model = load_model(plan.base, plan.lora, plan.seed)
+    model = load_model(plan.base, plan.lora, plan.seed, plan.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     total = total_steps(plan, len(train_set))

@@ -7,6 +7,7 @@ import { api } from "../api.js";
 import { dagShape, dagSvg } from "../charts/dag.js";
 import { ganttSvg } from "../charts/gantt.js";
 import { lineChart, num } from "../charts/line.js";
+import { fineTuningLoss } from "../charts/loss.js";
 import { badge, duration, elapsed, errorBox, errorText, h, json, mount, time, TERMINAL } from "../dom.js";
 import { taskTable } from "./task_table.js";
 
@@ -34,6 +35,7 @@ export function mount_(main, ctx, { id, query }) {
   let finished = false;
   let shape = null; // the graph's layout: a job's DAG never changes
   let nextAt = 0;
+  let fineTuned = null; // a finetune job's loss curve, read with the job
 
   const head = h("div", { class: "page-head" });
   const banner = h("div");
@@ -194,7 +196,7 @@ export function mount_(main, ctx, { id, query }) {
   function render() {
     renderHead();
     mount(graph, dagSvg(tasks, shape, { onSelect: select, onGroup: showGroup, selected }));
-    const curves = lossChart(tasks);
+    const curves = lossChart(tasks) || fineTuned;
     mount(loss, curves ? [h("h2", {}, "Loss"), h("div", { class: "charts two" }, curves)] : []);
     table.render(tasks, selected);
     renderTimeline();
@@ -212,6 +214,7 @@ export function mount_(main, ctx, { id, query }) {
         tasks = page.tasks;
         finished = TERMINAL.has(job.state);
         shape = shape || dagShape(tasks);
+        if (job.kind === "finetune") fineTuned = await fineTuningLoss(id, { id: "loss-chart" });
         render();
         if (first && selected) table.reveal(selected);
         // After the tasks are drawn: the page is usable while the audit trail loads.

@@ -2,6 +2,7 @@
 
 import { api } from "../api.js";
 import { lineChart, num, pct } from "../charts/line.js";
+import { fineTuningLoss } from "../charts/loss.js";
 import { errorBox, h, mount as put, shortId } from "../dom.js";
 import { deploymentCharts, listDeployments } from "./deployments.js";
 
@@ -54,6 +55,11 @@ export function mount(main, ctx, { query }) {
     const jobs = (await api("ui/api/jobs", { params: { kind: "finetune", limit: 6 } })).data;
     const curves = [];
     for (const job of jobs) {
+      const curve = await fineTuningLoss(job.id, { id: `loss-${job.id}`, title: `${shortId(job.id)} (${job.state})` });
+      if (curve) {
+        curves.push(curve);
+        continue;
+      }
       const tasks = (await api(`v1/jobs/${job.id}/tasks`)).data;
       const withLoss = tasks.filter((t) => t.output && Array.isArray(t.output.loss_history));
       if (withLoss.length) {
