@@ -25,10 +25,12 @@ class Recorder:
     """Progress that keeps what the loop reports; ``die_after`` raises past that step, as a
     killed worker would stop (its unsaved steps are lost)."""
 
-    def __init__(self, die_after: int | None = None) -> None:
+    def __init__(self, die_after: int | None = None, pause_at: int | None = None) -> None:
         self.steps: dict[int, float] = {}
         self.saved: list[tuple[int, Path]] = []
         self.die_after = die_after
+        self.pause_at = pause_at
+        self.polls = 0
 
     def step(self, step: int, epoch: int, loss: float, tokens: int, lr: float) -> None:
         if self.die_after is not None and step > self.die_after:
@@ -39,7 +41,11 @@ class Recorder:
         self.saved.append((step, path))
 
     def paused(self) -> bool:
-        return False
+        """Paused after step ``pause_at`` for three looks (the user resumes)."""
+        if self.pause_at is None or max(self.steps, default=0) != self.pause_at:
+            return False
+        self.polls += 1
+        return self.polls <= 3
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +171,14 @@ def test_merged_lora_answers_as_base_plus_adapter(
     assert out[0].outputs[0].token_ids == reference
     assert not (merged.with_name("merged.partial")).exists()
     shutil.rmtree(merged)
+
+
+def test_a_pause_saves_a_checkpoint_and_waits_for_resume(
+    tiny_model: Path, examples: Any, tmp_path: Path
+) -> None:
+    recorder = Recorder(pause_at=3)
+    plan = _plan(tiny_model, epochs=1)
+    train.train(plan, examples[0], examples[1], tmp_path, recorder, wait_s=0.01)
+    assert recorder.polls == 4  # paused, waited twice, then resumed
+    assert [step for step, _ in recorder.saved] == [3, 4, 6]  # the pause's, then every 4th, last
+    assert sorted(recorder.steps) == list(range(1, 7))
