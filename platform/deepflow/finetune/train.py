@@ -104,17 +104,21 @@ def packed(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def loss_sum(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the examples' targets, and how many targets there were."""
+    """Summed cross-entropy over the examples' targets, and how many targets there were.
+    Logits are made only where a target is (``logits_to_keep``): the prompt's positions never
+    reach the LM head, which over a large vocabulary is a tenth of a small model's work."""
     device = next(model.parameters()).device
     ids, positions, targets = (t.to(device) for t in packed(examples))
-    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    total = F.cross_entropy(
-        logits.view(-1, logits.shape[-1]).float(),
-        targets.view(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return total, int((targets != IGNORE).sum())
+    keep = (targets[0] != IGNORE).nonzero().squeeze(-1)
+    with _autocast(device):
+        out = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    total = F.cross_entropy(out.logits[0].float(), targets[0, keep], reduction="sum")
+    return total, int(keep.numel())
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 matrix work on an accelerator (weights and optimizer stay float32); none on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
 
 
 @torch.no_grad()
