@@ -6,7 +6,17 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 
 from deepflow import __version__
-from deepflow.api import batches, dashboard, deployments, docs, errors, files, jobs, limits
+from deepflow.api import (
+    batches,
+    dashboard,
+    deployments,
+    docs,
+    errors,
+    files,
+    fine_tuning,
+    jobs,
+    limits,
+)
 from deepflow.api.deps import no_nul_parameters
 from deepflow.config import Settings
 from deepflow.dag import operators
@@ -42,6 +52,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(deployments.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(fine_tuning.router)
     gateway.install(app)
 
     @app.get("/health", tags=["health"])
