@@ -17,12 +17,14 @@ from deepflow.flows.batch import batch_job
 from deepflow.flows.dag import dag_job
 from deepflow.flows.deploy import deploy_job
 from deepflow.flows.finetune import finetune_job
+from deepflow.flows.pipeline import pipeline_job
 
 FLOWS: dict[str, Flow[..., Any]] = {
     "dag": dag_job,
     "deploy": deploy_job,
     "finetune": finetune_job,
     "batch": batch_job,
+    "pipeline": pipeline_job,
 }
 """Job kind -> its flow."""
 

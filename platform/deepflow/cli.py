@@ -80,6 +80,29 @@ def _models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipelines_schedule(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deepflow.flows.pipeline import schedule_pipeline
+    from deepflow.flows.worker import WORK_POOL
+    from deepflow.job_commands import read_spec
+
+    url = Settings.from_env().prefect_api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise ValueError(
+            "no Prefect server to schedule on: set DEEPFLOW_PREFECT_API_URL (deepflow up's "
+            "Prefect API, e.g. http://127.0.0.1:4200/api)"
+        )
+    spec = read_spec(args.spec, "pipeline")["spec"]
+    with temporary_settings({PREFECT_API_URL: url}):
+        made = asyncio.run(schedule_pipeline(args.name, args.cron, spec, args.tenant, WORK_POOL))
+    print(f"pipeline deepflow-pipeline/{args.name} ({made}) runs on '{args.cron}' (UTC)")
+    return 0
+
+
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -266,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the weights' dtype once dequantized",
     )
     imp.set_defaults(func=_models_import)
+
+    pipelines = sub.add_parser("pipelines", help="scheduled post-training pipelines")
+    schedule = pipelines.add_subparsers(dest="pipelines_command", required=True).add_parser(
+        "schedule",
+        help="run a pipeline (fine-tune, evaluate, promote if better, roll out) on a cron "
+        "schedule, as a Prefect deployment",
+    )
+    schedule.add_argument("name", help="the pipeline's name (its Prefect deployment's)")
+    schedule.add_argument("--cron", required=True, help="e.g. '0 3 * * *' (UTC)")
+    schedule.add_argument("--spec", required=True, help="a JSON file (or -): a pipeline spec")
+    schedule.add_argument("--tenant", default="default", help="the tenant it runs for")
+    schedule.set_defaults(func=_pipelines_schedule)
 
     worker = sub.add_parser("worker", help="run a Celery worker for one or more queues")
     worker.add_argument("--queues", default="cpu", help="cpu, cuda or npu (comma-separated)")

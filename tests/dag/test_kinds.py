@@ -14,6 +14,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "deploy": {"deployment_id": "dep_1", "launch": 1},
     "finetune": {"model": "tiny", "training_file": "train.jsonl"},
     "batch": {"model": "tiny", "input_file": "prompts.jsonl"},
+    "pipeline": {"model": "tiny", "training_file": "file-a", "validation_file": "file-b"},
 }
 REFUSED = {
     "deploy": "use_deployments",
@@ -60,3 +61,15 @@ def test_batch_operators_are_implemented_and_run_by_the_platform_only() -> None:
     for task in plan("batch", {**SPECS["batch"], "num_shards": 3}).tasks:
         op = operators.get(task.operator)
         assert op.run is not None and op.internal and op.takes_context, task.operator
+
+
+def test_a_pipeline_promotes_after_evaluating_and_a_rollout_replaces_after_health() -> None:
+    pipeline = plan_user_job("pipeline", SPECS["pipeline"])
+    names = [t.name for t in pipeline.tasks]
+    assert names == ["validate_data", "tokenize", "train", "evaluate", "promote", "redeploy"]
+    rollout = plan("deploy", {"deployment_id": "d", "launch": 2, "replace": ["i1", "i2"]})
+    replaces = [t for t in rollout.tasks if t.name.startswith("replace_")]
+    assert [t.args["instance_id"] for t in replaces] == ["i1", "i2"]
+    assert all(t.depends_on == ["health_check_0", "health_check_1"] for t in replaces)
+    with pytest.raises(DagError, match="only with replicas it launches"):
+        plan("deploy", {"deployment_id": "d", "stop": ["i1"], "replace": ["i2"]})

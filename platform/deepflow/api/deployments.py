@@ -1,5 +1,7 @@
-"""Serving deployments: create, list, read, scale, delete. Every change is carried out by a
-``serve`` job (``deepflow.replicas.converge``), so it shows up as a job with its DAG."""
+"""Serving deployments: create, list, read, scale, move to a new model version, delete. Every
+change is carried out by a ``serve`` job (``deepflow.replicas.converge``), so it shows up as a
+job with its DAG. A move to new weights is a rolling update: replicas of the new version start,
+and the old ones are drained only once those are healthy."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from deepflow.api.errors import APIError
 from deepflow.api.schemas import NO_NUL
 from deepflow.dag.spec import ResourceClass
 from deepflow.replicas.converge import converge
-from deepflow.store import Deployment, DeploymentState, Instance
+from deepflow.store import Deployment, DeploymentState, Instance, ModelVersionState
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 
@@ -45,10 +47,13 @@ class DeploymentCreate(BaseModel):
     engine_args: EngineArgs = Field(default_factory=EngineArgs)
 
 
-class DeploymentScale(BaseModel):
+class DeploymentUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    replicas: int = Field(ge=0, le=64)
+    replicas: int | None = Field(default=None, ge=0, le=64)
+    """0 keeps the deployment with nothing running."""
+    model_version: int | Literal["latest"] | None = None
+    """Serve this ready version of the deployment's model (``latest``: its newest ready one)."""
 
 
 class InstanceResponse(BaseModel):
@@ -177,20 +182,45 @@ def read_deployment(deployment_id: str, tenant: CurrentTenant, db: DB) -> Deploy
 
 
 @router.patch("/{deployment_id}", response_model=DeploymentResponse)
-def scale_deployment(
-    deployment_id: str, body: DeploymentScale, request: Request, tenant: CurrentTenant, db: DB
+def update_deployment(
+    deployment_id: str, body: DeploymentUpdate, request: Request, tenant: CurrentTenant, db: DB
 ) -> DeploymentResponse:
-    """Set the replica count (0 keeps the deployment with nothing running)."""
+    """Set the replica count and/or the model version served (a rolling update)."""
+    changes = []
     with db.transaction() as session:
         d = store.read_deployment(session, tenant.id, deployment_id)
         if d.state in (DeploymentState.DELETING, DeploymentState.DELETED):
             raise APIError(409, f"deployment {d.id} is {d.state}", code="deployment_deleted")
-        more = body.replicas > d.replicas  # scaling in is never refused
-        d.replicas = body.replicas
-        if more:
-            request.app.state.quotas.check_instances(session, tenant)
-    converge(db, request.app.state.dispatcher, deployment_id, f"scaled to {body.replicas}")
+        if body.model_version is not None:
+            d.model_path = _version_path(session, tenant.id, d.name, body.model_version)
+            changes.append(f"moved to version {body.model_version}")
+        if body.replicas is not None:
+            more = body.replicas > d.replicas  # scaling in is never refused
+            d.replicas = body.replicas
+            if more:
+                request.app.state.quotas.check_instances(session, tenant)
+            changes.append(f"scaled to {body.replicas}")
+    if changes:
+        converge(db, request.app.state.dispatcher, deployment_id, ", ".join(changes))
     return _read(db, tenant.id, deployment_id)
+
+
+def _version_path(session: Any, tenant_id: str, name: str, version: int | str) -> str:
+    if version == "latest":
+        return _model_path(session, tenant_id, name)
+    ready = {
+        v.version: v.uri
+        for v in store.read_model(session, tenant_id, name).versions
+        if v.state is ModelVersionState.READY
+    }
+    if version not in ready:
+        raise APIError(
+            400,
+            f"model {name!r} has no ready version {version}",
+            param="model_version",
+            code="model_not_ready",
+        )
+    return ready[version]  # type: ignore[index]
 
 
 @router.delete("/{deployment_id}", response_model=DeploymentResponse)

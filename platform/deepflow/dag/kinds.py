@@ -1,8 +1,8 @@
 """Job kinds, how each decomposes into a task DAG, and which ones users may submit.
 
-``dag`` takes the user's tasks as declared. ``deploy``, ``finetune`` and ``batch`` take a
-small spec and generate their DAG's shape here; their operators are declared by name and
-implemented by the serving, fine-tuning and batch modules.
+``dag`` takes the user's tasks as declared. ``deploy``, ``finetune``, ``pipeline`` and
+``batch`` take a small spec and generate their DAG's shape here; their operators are declared
+by name and implemented by the serving, fine-tuning and batch modules.
 
 Not every kind is taken from users: ``deploy`` jobs are made by the deployments API,
 ``finetune`` jobs by the fine-tuning API (which checks the files against the model before
@@ -29,13 +29,16 @@ from deepflow.dag.trigger_rules import TriggerRule
 
 class DeploySpec(BaseModel):
     """One step of a deployment's convergence (``deepflow.replicas.converge`` writes these):
-    launch ``launch`` more replicas and/or stop the instances in ``stop``."""
+    launch ``launch`` more replicas and/or stop the instances in ``stop``; the instances in
+    ``replace`` are stopped only once every launched replica is healthy (a rolling update to
+    new weights: if the new ones fail, the old ones keep serving)."""
 
     model_config = ConfigDict(extra="forbid")
 
     deployment_id: str = Field(min_length=1, max_length=40)
     launch: int = Field(default=0, ge=0, le=64)
     stop: list[str] = Field(default_factory=list, max_length=64)
+    replace: list[str] = Field(default_factory=list, max_length=64)
     resource_class: ResourceClass = ResourceClass.CPU
     """Where replicas launch (their daemons take that worker's device)."""
     reason: str = Field(default="", max_length=200)
@@ -44,6 +47,8 @@ class DeploySpec(BaseModel):
     def _does_something(self) -> DeploySpec:
         if not self.launch and not self.stop:
             raise ValueError("a deploy job must launch replicas or stop instances")
+        if self.replace and not self.launch:
+            raise ValueError("a deploy job replaces instances only with replicas it launches")
         return self
 
 
@@ -98,6 +103,23 @@ class FinetuneSpec(BaseModel):
     """Longest example in tokens; a longer one is refused at creation, naming its line."""
     deploy: bool = False
     """Deploy the fine-tuned model (one replica) once it is registered."""
+    resource_class: ResourceClass = ResourceClass.CPU
+
+
+class PipelineSpec(BaseModel):
+    """A post-training pipeline's run: fine-tune the model's newest ready version (the one its
+    deployment serves), score it on the validation file, and promote it (a new version of the
+    same model, rolled out to its deployment) only when its held-out loss is lower."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=40)
+    validation_file: str = Field(min_length=1, max_length=40)
+    method: Method = Field(default_factory=Method)
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    checkpoint_every: int = Field(default=10, ge=1, le=100_000)
+    max_seq_len: int = Field(default=1024, ge=16, le=131_072)
     resource_class: ResourceClass = ResourceClass.CPU
 
 
@@ -158,12 +180,24 @@ def _deploy_tasks(spec: DeploySpec) -> list[TaskSpec]:
                 name=f"stop_{k}", operator="deploy.stop_instance", args={"instance_id": instance_id}
             )
         )
+    healthy = [f"health_check_{i}" for i in range(spec.launch)]
+    for k, instance_id in enumerate(spec.replace):
+        tasks.append(
+            TaskSpec(
+                name=f"replace_{k}",
+                operator="deploy.stop_instance",
+                args={"instance_id": instance_id},
+                depends_on=healthy,
+            )
+        )
     tasks.append(
         TaskSpec(
             name="update_deployment",
             operator="deploy.update_deployment",
             args=target,
-            depends_on=[t.name for t in tasks if t.name.startswith(("health_check_", "stop_"))],
+            depends_on=[
+                t.name for t in tasks if t.name.startswith(("health_check_", "stop_", "replace_"))
+            ],
             # Settles the deployment on whatever came up or stopped (failed if nothing did).
             trigger_rule=TriggerRule.ALL_DONE,
         )
@@ -219,6 +253,24 @@ def _finetune_tasks(spec: FinetuneSpec) -> list[TaskSpec]:
 
 BATCH_WINDOW_S = 24 * 3600.0
 """OpenAI's completion window: a shard may run that long (the batch expires after it)."""
+
+
+def _pipeline_tasks(spec: PipelineSpec) -> list[TaskSpec]:
+    training = _finetune_tasks(FinetuneSpec.model_validate(spec.model_dump()))
+    args = {"job": spec.model_dump(mode="json")}
+    return [
+        *(t for t in training if t.name != "register_model"),
+        TaskSpec(
+            name="promote", operator="pipeline.promote", args=args, depends_on=["evaluate"]
+        ),
+        TaskSpec(
+            name="redeploy",
+            operator="pipeline.redeploy",
+            args=args,
+            depends_on=["promote"],
+            timeout_s=900.0,
+        ),
+    ]
 
 
 def _batch_tasks(spec: BatchSpec) -> list[TaskSpec]:
@@ -298,6 +350,8 @@ KINDS: dict[str, JobKind] = {
                 "model first: POST /v1/batches",
             ),
         ),
+        # Started by a schedule (a Prefect deployment of the pipeline flow) or Prefect's API.
+        JobKind("pipeline", PipelineSpec, _pipeline_tasks),
     )
 }
 
@@ -313,6 +367,8 @@ for _name, _what in [
     ("finetune.evaluate", "Scores the trained weights on held-out data."),
     ("finetune.register_model", "Registers the weights as a new model version."),
     ("finetune.deploy", "Deploys the fine-tuned model."),
+    ("pipeline.promote", "Registers the new weights if their held-out loss is lower."),
+    ("pipeline.redeploy", "Waits for the deployment to serve the promoted version."),
     ("batch.split_input", "Splits the input file into shards."),
     ("batch.run_shard", "Runs one shard's requests through an offline engine."),
     ("batch.merge_results", "Writes the output and error files in the input's order."),

@@ -1,5 +1,5 @@
 """The ``finetune`` job kind's operators: validate -> tokenize -> train -> evaluate -> register
--> (deploy).
+-> (deploy); and a ``pipeline``'s, which trains the same way, then promotes and rolls out.
 
 Everything a task hands the next one lives under the job's folder
 (``DEEPFLOW_HOME/fine_tuning/<job id>/``): the tokenized examples, the checkpoints. The base
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from deepflow.store import (
     ModelVersionState,
     create_deployment,
     get_database,
+    list_deployments,
     newest_ready_version,
     register_model_version,
     set_model_version_state,
@@ -384,7 +386,85 @@ def deploy(args: dict[str, Any]) -> dict[str, Any]:
     return {"deployment_id": deployment_id, "model": registered["model"]}
 
 
+def promote(args: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline's decision: the new weights become the model's next version, and its
+    deployment is moved to them (a rolling update), only when their held-out loss is lower
+    than the version they were trained from (the one served)."""
+    from deepflow.replicas.converge import converge
+
+    spec, context = args["job"], args["context"]
+    checked, scores = _validated(args), context["upstream"]["evaluate"]
+    served, trained = scores["base_valid_loss"], scores["valid_loss"]
+    decision = {"base_valid_loss": served, "valid_loss": trained, "base": checked["base"]}
+    if served is None or trained is None or not trained < served:
+        print(f"not promoted: held-out loss {trained} is not below the served {served}")
+        return {**decision, "promoted": False}
+    folder = Settings.from_env().ensure_home() / "models" / spec["model"] / uuid.uuid4().hex[:12]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _db().transaction() as session:
+        checkpoint = runs.latest_checkpoint(session, context["job_id"])
+        assert checkpoint is not None
+    save_merged(spec, checked["base"]["uri"], Path(checkpoint.path), folder)
+    lineage = {"promoted_from": checked["base"], "job_id": context["job_id"], "metrics": decision}
+    db = _db()
+    with db.transaction() as session:
+        version = register_model_version(
+            session, context["tenant_id"], spec["model"], str(folder), lineage
+        )
+        set_model_version_state(session, version.id, ModelVersionState.READY)
+        number = version.version
+        serving = _live_deployment(session, context["tenant_id"], spec["model"])
+        if serving is not None:
+            serving.model_path = str(folder)
+    if serving is not None:
+        converge(db, None, serving.id, f"promoted version {number}")
+    print(f"promoted version {number}: held-out loss {trained:.4f} < {served:.4f}")
+    return {
+        **decision,
+        "promoted": True,
+        "version": number,
+        "uri": str(folder),
+        "deployment_id": serving.id if serving is not None else None,
+    }
+
+
+def _live_deployment(session: Any, tenant_id: str, name: str) -> Any:
+    from deepflow.store.deployments import GONE
+
+    for deployment in list_deployments(session, tenant_id):
+        if deployment.name == name and deployment.state not in GONE:
+            return deployment
+    return None
+
+
+REDEPLOY_POLL_S = 0.5
+
+
+def redeploy(args: dict[str, Any]) -> dict[str, Any]:
+    """Wait until the deployment serves the promoted version on every replica and no older
+    one is live (the rolling update the promotion started)."""
+    from deepflow.store import InstanceState, deployment_instances
+
+    promoted = args["context"]["upstream"]["promote"]
+    if not promoted["promoted"] or not promoted.get("deployment_id"):
+        return {"rolled_out": False}
+    while True:
+        with _db().transaction() as session:
+            live = deployment_instances(session, promoted["deployment_id"], live_only=True)
+            current = [i for i in live if i.model_path == promoted["uri"]]
+            ready = [i for i in current if i.state is InstanceState.READY]
+            if ready and len(current) == len(live):
+                return {"rolled_out": True, "instances": [i.id for i in ready]}
+        time.sleep(REDEPLOY_POLL_S)
+
+
 OPERATORS = tuple(
-    Operator(f"finetune.{run.__name__}", run, description=run.__doc__ or "", takes_context=True)
-    for run in (validate_data, tokenize, train, evaluate, register_model, deploy)
+    Operator(f"{kind}.{run.__name__}", run, description=run.__doc__ or "", takes_context=True)
+    for kind, runs_of_kind in (
+        ("finetune", (validate_data, tokenize, train, evaluate, register_model, deploy)),
+        ("pipeline", (promote, redeploy)),
+    )
+    for run in runs_of_kind
 )
+"""The ``finetune`` kind's operators and the ``pipeline`` kind's own (a pipeline's first four
+tasks are the ``finetune.*`` ones)."""

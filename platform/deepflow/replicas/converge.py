@@ -69,10 +69,23 @@ def _give_up_orphans(
     return orphans
 
 
+def _outdated(deployment: Deployment, instance: Instance) -> bool:
+    """Serving other weights than the deployment's now (it was moved to a new version)."""
+    return instance.model_path is not None and instance.model_path != deployment.model_path
+
+
 def _change_needed(session: Session, deployment: Deployment) -> dict[str, Any] | None:
-    """The deploy job spec that closes the gap between asked-for and live, or None."""
+    """The deploy job spec that closes the gap between asked-for and live, or None.
+    Outdated instances are replaced: new ones launched first, the old stopped once those are
+    healthy, so the deployment serves throughout."""
     live = deployment_instances(session, deployment.id, live_only=True)
+    old = [i.id for i in live if _outdated(deployment, i)]
+    live = [i for i in live if not _outdated(deployment, i)]
     desired = _desired(deployment)
+    if old:
+        if len(live) < desired:
+            return {"deployment_id": deployment.id, "launch": desired - len(live), "replace": old}
+        return {"deployment_id": deployment.id, "stop": old}
     if len(live) < desired:
         return {"deployment_id": deployment.id, "launch": desired - len(live)}
     if len(live) > desired:

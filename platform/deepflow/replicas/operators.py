@@ -102,6 +102,7 @@ def launch_replica(args: dict[str, Any]) -> dict[str, Any]:
             deployment_id=deployment.id,
             host=socket.gethostname(),
             start_path="cold",
+            model_path=deployment.model_path,
         )
         instance_id = instance.id
     log_path = settings.ensure_home() / "instances" / f"{instance_id}.log"

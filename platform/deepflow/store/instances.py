@@ -27,6 +27,7 @@ def create_instance(
     host: str | None = None,
     pid: int | None = None,
     start_path: str | None = None,
+    model_path: str | None = None,
 ) -> Instance:
     if role not in ("prefill", "decode", "both"):
         raise ValueError(f"role must be prefill, decode or both, not {role!r}")
@@ -43,6 +44,7 @@ def create_instance(
         host=host,
         pid=pid,
         start_path=start_path,
+        model_path=model_path,
     )
     data = {"model": model_name, "device": device, "role": role, "deployment": deployment_id}
     set_instance_state(session, instance, InstanceState.STARTING, data=data)

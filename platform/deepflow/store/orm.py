@@ -363,6 +363,9 @@ class Instance(Base):
     """Where the daemon runs (the launching worker's host), with ``pid``."""
     start_path: Mapped[str | None] = mapped_column(String(40))
     """How it started: ``cold`` (weights read from the model folder)."""
+    model_path: Mapped[str | None] = mapped_column(String(1000))
+    """The weights it serves: its deployment's ``model_path`` when it was launched. One that
+    differs from the deployment's now is outdated and is replaced (``replicas.converge``)."""
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
