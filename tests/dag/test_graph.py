@@ -269,7 +269,7 @@ def test_dag_error_is_a_value_error_with_defaults() -> None:
 
 
 def test_known_kinds() -> None:
-    assert set(KINDS) == {"dag", "deploy", "finetune", "batch"}
+    assert set(KINDS) == {"dag", "deploy", "finetune", "batch", "pipeline"}
 
 
 def test_unknown_kind() -> None:
