@@ -340,31 +340,38 @@ def test_serve_that_does_nothing_is_refused() -> None:
 
 
 def test_finetune_is_a_chain() -> None:
+    hyper = {"n_epochs": 3}
     result = plan(
         "finetune",
         {
             "model": "m",
             "training_file": "file-1",
-            "hyperparameters": {"n_epochs": 3},
+            "method": {"supervised": {"hyperparameters": hyper}},
             "resource_class": "npu",
+            "deploy": True,
         },
     )
-    chain = ["validate_data", "train", "evaluate", "register_model"]
+    chain = ["validate_data", "tokenize", "train", "evaluate", "register_model", "deploy"]
     assert [t.name for t in result.tasks] == chain
     assert result.dag.order == tuple(chain)
     assert edges(result.dag) == set(itertools.pairwise(chain))
-    assert result.dag.leaves == ("register_model",)
+    assert result.dag.leaves == ("deploy",)
     by_name = {t.name: t for t in result.tasks}
     assert by_name["train"].resource_class is ResourceClass.NPU
-    assert by_name["train"].timeout_s == 24 * 3600.0
+    assert by_name["evaluate"].resource_class is ResourceClass.NPU
+    assert by_name["train"].timeout_s == 24 * 3600.0 and by_name["train"].retries == 3
     assert by_name["validate_data"].resource_class is ResourceClass.CPU
-    assert by_name["train"].args["hyperparameters"]["n_epochs"] == 3
-    assert by_name["train"].args["training_file"] == "file-1"
-    assert result.spec["hyperparameters"] == {
+    job = by_name["train"].args["job"]
+    assert job["training_file"] == "file-1"
+    assert job["method"]["supervised"]["hyperparameters"] == {
         "n_epochs": 3,
         "batch_size": 8,
         "learning_rate_multiplier": 1.0,
     }
+    assert job["method"]["supervised"]["lora"] is None  # full fine-tuning unless asked
+    assert "deploy" not in [
+        t.name for t in plan("finetune", {"model": "m", "training_file": "f"}).tasks
+    ]
 
 
 def test_batch_fans_out_over_shards() -> None:
@@ -400,13 +407,21 @@ def test_batch_fans_out_over_shards() -> None:
         ("finetune", {"model": "m"}, "spec.training_file"),
         (
             "finetune",
-            {"model": "m", "training_file": "f", "hyperparameters": {"n_epochs": 0}},
-            "spec.hyperparameters.n_epochs",
+            {
+                "model": "m",
+                "training_file": "f",
+                "method": {"supervised": {"hyperparameters": {"n_epochs": 0}}},
+            },
+            "spec.method.supervised.hyperparameters.n_epochs",
         ),
         (
             "finetune",
-            {"model": "m", "training_file": "f", "hyperparameters": {"lr": 1}},
-            "spec.hyperparameters.lr",
+            {
+                "model": "m",
+                "training_file": "f",
+                "method": {"supervised": {"hyperparameters": {"lr": 1}}},
+            },
+            "spec.method.supervised.hyperparameters.lr",
         ),
         ("finetune", {"model": "m", "training_file": "f", "suffix": "x" * 65}, "spec.suffix"),
         ("batch", {"model": "m"}, "spec.input_file"),
