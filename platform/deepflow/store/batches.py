@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from deepflow.dag import JobState
-from deepflow.store.errors import NotFound
+from deepflow.store.errors import Conflict, NotFound
 from deepflow.store.jobs import cancel_job
 from deepflow.store.orm import Batch, BatchShard, Event, Job, Task, TaskLog
 from deepflow.store.paging import page_after
@@ -195,7 +195,12 @@ def _views(session: Session, batches: list[Batch]) -> list[BatchView]:
 def _expire(session: Session, batch: Batch) -> tuple[JobState, str | None, datetime | None]:
     """OpenAI's 24h window: a batch not done by ``expires_at`` is stopped as ``expired``."""
     reason = "the batch expired: it was not done within its completion window"
-    job = cancel_job(session, batch.tenant_id, batch.job_id, reason=reason)
+    try:
+        job = cancel_job(session, batch.tenant_id, batch.job_id, reason=reason)
+    except Conflict:  # it ended meanwhile (another reader expired it, say): as it is now
+        session.refresh(batch)
+        job = session.get_one(Job, batch.job_id, populate_existing=True)
+        return job.state, job.error, job.finished_at
     batch.expired_at = job.finished_at
     session.flush()
     return job.state, job.error, job.finished_at
