@@ -19,6 +19,7 @@ steps (after ``--warmup``); the first step's losses must agree (same function, s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -75,8 +76,9 @@ def run_ours(plan: train.Plan, examples: list[Example], work: Path) -> Clock:
 
 
 def run_peer(plan: train.Plan, examples: list[Example], steps: int) -> Clock:
-    """The same steps as transformers + peft users write them: padded batches, model loss."""
-    model = train.load_model(plan.base, plan.lora, plan.seed, plan.device)
+    """The same steps as transformers + peft users write them: padded batches, model loss,
+    transformers' default attention (SDPA)."""
+    model = train.load_model(plan.base, plan.lora, plan.seed, plan.device, "sdpa")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     device = torch.device(plan.device)
@@ -130,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--methods", default="lora,full")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="our side's attention: auto (flex on CUDA, SDPA elsewhere), sdpa, flex_attention; "
+        "comma-separated to run each",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/deepflow-bench-finetune"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -151,13 +159,20 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every=10**9, device=str(device.torch_device),
         )  # fmt: skip
         results: dict[str, Any] = {"method": method}
-        for side in ("deepflow", "transformers+peft"):
+        ours_variants = [f"deepflow/{a}" for a in args.attention.split(",")]
+        for side in (*ours_variants, "transformers+peft"):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             work = args.work / f"ckpt-{method}"
-            clock = run_ours(plan, examples, work) if side == "deepflow" else run_peer(
-                plan, examples, args.steps)  # fmt: skip
+            if side.startswith("deepflow/"):
+                attention = side.split("/", 1)[1]
+                variant = dataclasses.replace(
+                    plan, attention=None if attention == "auto" else attention
+                )
+                clock = run_ours(variant, examples, work)
+            else:
+                clock = run_peer(plan, examples, args.steps)
             results[side] = {
                 "tokens_per_s": rate(clock, examples, plan, args.warmup),
                 "first_loss": clock.losses[0],
@@ -165,22 +180,29 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda" else None,
             }  # fmt: skip
             print(f"  {method} {side}: {results[side]}", flush=True)
-        ours, peer = results["deepflow"], results["transformers+peft"]
-        results["ratio"] = ours["tokens_per_s"] / peer["tokens_per_s"]
-        results["loss_rel_diff"] = abs(ours["first_loss"] - peer["first_loss"]) / peer["first_loss"]
+        peer = results["transformers+peft"]
+        for variant in ours_variants:
+            ours = results[variant]
+            ours["ratio"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+            ours["loss_rel_diff"] = (
+                abs(ours["first_loss"] - peer["first_loss"]) / peer["first_loss"]
+            )
+        results["variants"] = ours_variants
         results["padding_share"] = padding_share(examples, plan, args.steps)
         rows.append(results)
 
     print()
-    print(f"{'method':7} {'DeepFlow tok/s':>15} {'transformers+peft':>18} {'ratio':>6} "
-          f"{'padding':>8} {'1st-loss diff':>14}")  # fmt: skip
+    print(f"{'method':7} {'ours (attention)':24} {'tok/s':>9} {'transformers+peft':>18} "
+          f"{'ratio':>6} {'padding':>8} {'1st-loss diff':>14}")  # fmt: skip
     for r in rows:
-        print(f"{r['method']:7} {r['deepflow']['tokens_per_s']:15,.0f} "
-              f"{r['transformers+peft']['tokens_per_s']:18,.0f} {r['ratio']:6.2f} "
-              f"{r['padding_share']:8.0%} {r['loss_rel_diff']:14.1e}")  # fmt: skip
+        for variant in r["variants"]:
+            ours = r[variant]
+            print(f"{r['method']:7} {variant:24} {ours['tokens_per_s']:9,.0f} "
+                  f"{r['transformers+peft']['tokens_per_s']:18,.0f} {ours['ratio']:6.2f} "
+                  f"{r['padding_share']:8.0%} {ours['loss_rel_diff']:14.1e}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
-    bad = [r["method"] for r in rows if r["loss_rel_diff"] > 2e-2]
+    bad = [(r["method"], v) for r in rows for v in r["variants"] if r[v]["loss_rel_diff"] > 2e-2]
     if bad:
         print(f"the two sides' first losses disagree for {bad}: not the same computation")
         return 1

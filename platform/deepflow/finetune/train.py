@@ -53,16 +53,30 @@ class Plan:
     checkpoint_every: int
     device: str = "cpu"
     """A torch device: the worker's accelerator (``finetune.operators`` picks it)."""
+    attention: str | None = None
+    """transformers' attention implementation; None: ``attention_for(device)``."""
+
+
+def attention_for(device: str) -> str:
+    """On CUDA, flex attention: it skips the blocks a packed row's block-diagonal mask rules
+    out, where SDPA with that mask computes (and masks) the whole square. Elsewhere SDPA."""
+    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
 
 
 def load_model(
-    base: Path, lora: dict[str, Any] | None, seed: int, device: str = "cpu"
+    base: Path,
+    lora: dict[str, Any] | None,
+    seed: int,
+    device: str = "cpu",
+    attention: str | None = None,
 ) -> torch.nn.Module:
     """The base model in float32 on ``device``, with fresh LoRA adapters on every linear layer
     if asked."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=torch.float32, attn_implementation=attention or attention_for(device)
+    ).to(device)
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -187,7 +201,7 @@ def train(
     """Train from the base (or ``resume``, a checkpoint folder) to the last step, reporting
     each step and checkpoint. The last step always ends in a checkpoint: the trained weights."""
     torch.manual_seed(plan.seed)
-    model = load_model(plan.base, plan.lora, plan.seed, plan.device)
+    model = load_model(plan.base, plan.lora, plan.seed, plan.device, plan.attention)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     total = total_steps(plan, len(train_set))

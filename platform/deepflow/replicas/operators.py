@@ -23,6 +23,7 @@ import httpx
 from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed
 from deepflow.devices import pinned_device
+from deepflow.gateway.table import REFRESH_S
 from deepflow.procutil import wait_gone
 from deepflow.replicas import converge
 from deepflow.replicas.daemons import daemon_env, end_daemon
@@ -43,6 +44,8 @@ LAUNCH_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 15.0
 """After a drained daemon stops answering, how long it gets to exit before SIGKILL."""
+ROUTES_SETTLE_S = 2 * REFRESH_S
+"""Two refreshes of the gateways' routing tables (``gateway.table.REFRESH_S``)."""
 
 
 def _db() -> Database:
@@ -193,6 +196,11 @@ def stop_instance(args: dict[str, Any]) -> dict[str, Any]:
             set_instance_state(session, instance_id, InstanceState.DRAINING)
     if state in (InstanceState.STOPPED, InstanceState.FAILED):
         return {"instance_id": instance_id, "state": str(state)}
+    if state is InstanceState.READY:
+        # Every gateway re-reads its routes within ROUTES_SETTLE_S: by then none sends new
+        # requests here, and each knows the replicas that replace this one (a rolling update
+        # readied them just now), so a request that still meets the drain is retried there.
+        time.sleep(ROUTES_SETTLE_S)
     if address:
         converge.drain(address)
     if pid and host == socket.gethostname() and not wait_gone(pid, EXIT_TIMEOUT_S):
