@@ -129,7 +129,9 @@ def test_lora_job_survives_a_killed_worker_and_its_model_answers(
     # The curve: every step once, in order; the checkpoints' held-out loss falls.
     assert _steps(client, job.id) == list(range(1, total + 1))
     saved = client.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data
-    assert saved[0].step_number == total
+    assert [c.step_number for c in saved] == [total, 12, 9]  # every 3rd step, the newest 3
+    kept = platform.settings.home / "fine_tuning" / job.id / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-000009", "step-000012", "step-000014"]
     extra = job.model_extra or {}
     metrics = extra["metrics"]
     assert metrics["valid_loss"] < metrics["base_valid_loss"], metrics

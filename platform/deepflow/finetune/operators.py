@@ -181,6 +181,10 @@ class _StoreProgress:
             )
 
     def checkpoint(self, step: int, path: Path, loss: float, valid_loss: float | None) -> None:
+        """Recorded with the step's held-out loss; only the newest KEEP_CHECKPOINTS stay (a
+        full fine-tune's checkpoint holds every weight and twice that in optimizer state)."""
+        from deepflow.finetune.train import KEEP_CHECKPOINTS
+
         with self.db.transaction() as session:
             runs.record_checkpoint(
                 session,
@@ -194,6 +198,9 @@ class _StoreProgress:
             row = session.get(TrainingStep, (self.job_id, step))
             if row is not None:
                 row.valid_loss = valid_loss
+            stale = runs.prune_checkpoints(session, self.job_id, KEEP_CHECKPOINTS)
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def paused(self) -> bool:
         with self.db.transaction() as session:

@@ -39,6 +39,7 @@ from deepflow.store import (
     Job,
     set_instance_state,
 )
+from deepflow.store.transitions import lock
 from deepflow.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ def stop_local_instances(db: Database, grace_s: float = 15.0) -> int:
             os.killpg(pid, signal.SIGKILL)
     for instance_id in live:
         with db.transaction() as session:
-            set_instance_state(
-                session, instance_id, InstanceState.STOPPED, reason="the platform stopped"
-            )
+            # A deploy job's stop may have ended it meanwhile (a rolling update's last step).
+            if lock(session, Instance, instance_id).state in STOPPABLE:
+                set_instance_state(
+                    session, instance_id, InstanceState.STOPPED, reason="the platform stopped"
+                )
     return len(live)

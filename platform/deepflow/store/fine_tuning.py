@@ -66,6 +66,15 @@ def record_checkpoint(
     return row
 
 
+def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
+    """Drop all but the newest ``keep`` checkpoints' rows; returns the dropped ones' paths,
+    for the caller to delete once this commits (a row never names a missing folder)."""
+    stale = checkpoints(session, job_id)[:-keep]
+    for row in stale:
+        session.delete(row)
+    return [row.path for row in stale]
+
+
 def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     stmt = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
     return session.execute(stmt.limit(1)).scalar_one_or_none()
