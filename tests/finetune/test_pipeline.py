@@ -122,6 +122,10 @@ def test_a_scheduled_pipeline_promotes_only_a_better_version(platform: Platform)
         decision = tasks["promote"]["output"]
         assert decision["promoted"] == (decision["valid_loss"] < decision["base_valid_loss"])
         decisions.append(decision)
+    print(
+        "pipeline decisions:",
+        [(d["promoted"], d["base_valid_loss"], d["valid_loss"]) for d in decisions],
+    )
     assert decisions[0]["promoted"], decisions[0]  # a random model is easily bettered
     flow_runs = _flow_runs(url, made)
     assert len(flow_runs) >= 2 and all(fr.auto_scheduled for fr in flow_runs[:2])
