@@ -182,3 +182,15 @@ def test_a_pause_saves_a_checkpoint_and_waits_for_resume(
     assert recorder.polls == 4  # paused, waited twice, then resumed
     assert [step for step, _ in recorder.saved] == [3, 4, 6]  # the pause's, then every 4th, last
     assert sorted(recorder.steps) == list(range(1, 7))
+
+
+@pytest.mark.parametrize(("trained", "served"), [(2.0, 2.0), (2.5, 2.0), (None, 2.0)])
+def test_a_pipeline_promotes_nothing_that_is_not_better(
+    trained: float | None, served: float
+) -> None:
+    """Equal or worse held-out loss (or none): no version, no rollout, and no store read."""
+    from deepflow.finetune.operators import promote
+
+    scores = {"base_valid_loss": served, "valid_loss": trained}
+    args = {"job": {"model": "m"}, "context": {"upstream": {"evaluate": scores}}}
+    assert promote(args) == {**scores, "promoted": False}

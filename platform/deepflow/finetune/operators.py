@@ -400,12 +400,14 @@ def promote(args: dict[str, Any]) -> dict[str, Any]:
     from deepflow.replicas.converge import converge
 
     spec, context = args["job"], args["context"]
-    checked, scores = _validated(args), context["upstream"]["evaluate"]
+    scores = context["upstream"]["evaluate"]
     served, trained = scores["base_valid_loss"], scores["valid_loss"]
-    decision = {"base_valid_loss": served, "valid_loss": trained, "base": checked["base"]}
+    decision = {"base_valid_loss": served, "valid_loss": trained}
     if served is None or trained is None or not trained < served:
         print(f"not promoted: held-out loss {trained} is not below the served {served}")
         return {**decision, "promoted": False}
+    checked = _validated(args)
+    decision["base"] = checked["base"]
     folder = Settings.from_env().ensure_home() / "models" / spec["model"] / uuid.uuid4().hex[:12]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _db().transaction() as session:
