@@ -27,7 +27,7 @@ from tests.finetune.conftest import TRAIN_FILE, VALID_FILE
 from tests.integration.conftest import Platform, platform_up
 from tests.replicas.conftest import wait_deployment
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BASE = "smollm2-135m-instruct"
 JOB_TIMEOUT_S = 900
