@@ -185,3 +185,9 @@ def test_unknown_file_and_window_are_refused(client: openai.OpenAI, api: Api) ->
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError):
         client.batches.cancel("batch_nope")
+
+
+def test_a_page_after_an_unknown_batch_is_a_404_naming_a_batch(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.batches.list(after="batch_nope")
+    assert info.value.code == "batch_not_found"

@@ -76,16 +76,20 @@ def run_shard(args: dict[str, Any]) -> dict[str, Any]:
     path = _input(home, batch)
     done = results.ShardResults(results.shard_path(home, batch.id, shard))
     progress = _Progress(db, batch.id, shard, done)
+    timing = {"load_s": 0.0, "run_s": 0.0}
     try:
         if len(done.done) < span.count:
+            start = time.perf_counter()
             runner = ShardRunner(LLM(batch.model_uri), batch.model, batch.endpoint)
+            loaded = time.perf_counter()
             todo = ((i, r) for i, r in input_file.read_shard(path, span) if i not in done.done)
             runner.run(todo, progress.add)
+            timing = {"load_s": loaded - start, "run_s": time.perf_counter() - loaded}
         progress.report()
     finally:
         done.close()
     counts = done.counts
-    return {"shard": shard, "completed": counts.completed, "failed": counts.failed}
+    return {"shard": shard, "completed": counts.completed, "failed": counts.failed, **timing}
 
 
 class _Progress:

@@ -73,10 +73,14 @@ def batch_of_job(session: Session, job_id: str) -> Batch:
 
 def read_batch(session: Session, tenant_id: str, batch_id: str) -> BatchView:
     """The batch (expired first if its window has passed)."""
+    return _views(session, [_mine(session, tenant_id, batch_id)])[0]
+
+
+def _mine(session: Session, tenant_id: str, batch_id: str) -> Batch:
     batch = session.get(Batch, batch_id)
     if batch is None or batch.tenant_id != tenant_id:
         raise NotFound("batch", batch_id)
-    return _views(session, [batch])[0]
+    return batch
 
 
 @dataclass(slots=True)
@@ -89,6 +93,8 @@ def list_batches(
     session: Session, tenant_id: str, *, limit: int = 20, after: str | None = None
 ) -> BatchPage:
     """Newest first; ``after`` is the last id of the previous page."""
+    if after is not None:
+        _mine(session, tenant_id, after)  # NotFound names a batch (page_after: "batche")
     stmt = select(Batch).where(Batch.tenant_id == tenant_id)
     rows, has_more = page_after(session, stmt, Batch, tenant_id, after, limit)
     return BatchPage(_views(session, rows), has_more)
