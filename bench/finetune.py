@@ -10,9 +10,10 @@ accelerator, AdamW and gradient clipping. What differs is what DeepFlow does dif
 a step's examples are packed into one row without padding (position ids restart, so the
 attention stays per example), and logits are made only where a target is. The peer is what a
 transformers user writes: the batch padded to its longest example, ``labels`` with -100 on the
-prompt and the padding, ``model(...).loss``. The examples are synthetic chat turns of varied
-length (a prompt, then an answer that carries the loss), so padding costs what it costs in
-real data of that spread. Tokens per second count real tokens (no padding) over the timed
+prompt and the padding, ``model(...).loss``. Both keep LoRA's frozen base in bf16 on an
+accelerator and full fine-tuning's weights in float32 (``peer_model``). The examples are
+synthetic chat turns of varied length (a prompt, then an answer that carries the loss), so
+padding costs what it costs in real data of that spread. Tokens per second count real tokens (no padding) over the timed
 steps (after ``--warmup``); the first step's losses must agree (same function, same batch).
 """
 
@@ -75,10 +76,35 @@ def run_ours(plan: train.Plan, examples: list[Example], work: Path) -> Clock:
     return clock
 
 
+def peer_model(plan: train.Plan) -> torch.nn.Module:
+    """The model as transformers + peft recipes load it: for LoRA the base in bf16 on an
+    accelerator (peft keeps the adapters float32), for full fine-tuning float32 weights under
+    bf16 autocast (the Trainer's ``bf16=True``); transformers' default attention (SDPA)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    on_cpu = torch.device(plan.device).type == "cpu"
+    dtype = torch.float32 if plan.lora is None or on_cpu else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(
+        str(plan.base), dtype=dtype, attn_implementation="sdpa"
+    ).to(plan.device)
+    if plan.lora is None:
+        return model
+    torch.manual_seed(plan.seed)
+    config = LoraConfig(
+        r=plan.lora["rank"],
+        lora_alpha=plan.lora["alpha"],
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
 def run_peer(plan: train.Plan, examples: list[Example], steps: int) -> Clock:
-    """The same steps as transformers + peft users write them: padded batches, model loss,
-    transformers' default attention (SDPA)."""
-    model = train.load_model(plan.base, plan.lora, plan.seed, plan.device, "sdpa")
+    """The same steps as transformers + peft users write them: padded batches, the model's own
+    loss over every position."""
+    model = peer_model(plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     device = torch.device(plan.device)

@@ -70,8 +70,11 @@ def load_model(
     device: str = "cpu",
     attention: str | None = None,
 ) -> torch.nn.Module:
-    """The base model in float32 on ``device``, with fresh LoRA adapters on every linear layer
-    if asked."""
+    """The base model on ``device``, with fresh LoRA adapters (float32) on every linear layer
+    if asked. Weights that train are float32. On an accelerator LoRA's frozen base is bf16:
+    autocast casts it to bf16 for every matrix product anyway, but caches the cast only for
+    weights that train, so a float32 frozen base is read and cast again in every forward and
+    backward pass."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -81,6 +84,9 @@ def load_model(
         return model
     from peft import LoraConfig, get_peft_model
 
+    if torch.device(device).type != "cpu":
+        model = model.to(torch.bfloat16)
+
     torch.manual_seed(seed)  # the adapters' initial weights
     config = LoraConfig(
         r=lora["rank"],
@@ -89,7 +95,11 @@ def load_model(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
