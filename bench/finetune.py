@@ -13,8 +13,9 @@ transformers user writes: the batch padded to its longest example, ``labels`` wi
 prompt and the padding, ``model(...).loss``. Both keep LoRA's frozen base in bf16 on an
 accelerator and full fine-tuning's weights in float32 (``peer_model``). The examples are
 synthetic chat turns of varied length (a prompt, then an answer that carries the loss), so
-padding costs what it costs in real data of that spread. Tokens per second count real tokens (no padding) over the timed
-steps (after ``--warmup``); the first step's losses must agree (same function, same batch).
+padding costs what it costs in real data of that spread. Tokens per second count real tokens
+(no padding) over the timed steps (after ``--warmup``); the first step's losses must agree
+(same function, same batch).
 """
 
 from __future__ import annotations
