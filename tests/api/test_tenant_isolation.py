@@ -1,5 +1,6 @@
 """Tenant isolation on every route: another tenant's key can neither read, change nor route
-to a tenant's jobs, task logs, models, deployments or files, nor see them in any list.
+to a tenant's jobs, task logs, models, deployments, files, fine-tuning jobs or batches, nor see
+them in any list.
 
 Routes are taken from the app's OpenAPI document, so a route added later is checked too (or
 fails the test until it is given a place here)."""
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -43,18 +46,29 @@ BODIES: dict[tuple[str, str], Any] = {
         "messages": [{"role": "user", "content": "hi"}],
     },
     ("POST", "/v1/completions"): {"model": SECRET_MODEL, "prompt": "hi"},
+    ("POST", "/v1/fine_tuning/jobs"): {"model": SECRET_MODEL, "training_file": "file-x"},
+    ("POST", "/v1/batches"): {
+        "input_file_id": "file-x",
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    },
 }
+SECRET_BATCH_LINE = (
+    b'{"custom_id": "acme-1", "method": "POST", "url": "/v1/chat/completions", "body": '
+    b'{"model": "acme-secret-model", "messages": [{"role": "user", "content": "acme secret"}]}}\n'
+)
 
 
-def _acme_world(api: Api, address: str) -> dict[str, str]:
-    """acme's job (with a task log), model and deployment with a ready instance at
-    ``address``; returns the values of every path parameter."""
+def _acme_world(api: Api, address: str, model: Path) -> dict[str, str]:
+    """acme's job (with a task log), model (``model``'s folder) and deployment with a ready
+    instance at ``address``, a file, a fine-tuning job and a batch; returns the values of every
+    path parameter."""
     job = api.client.post(
         "/v1/jobs", json=BODIES[("POST", "/v1/jobs")], headers=api.headers()
     ).json()
     with api.db.transaction() as s:
         acme = ensure_tenant(s, "acme")
-        version = register_model_version(s, acme.id, SECRET_MODEL, "/models/secret")
+        version = register_model_version(s, acme.id, SECRET_MODEL, str(model))
         set_model_version_state(s, version.id, ModelVersionState.READY)
         dep = ready_deployment(s, acme.id, SECRET_MODEL, address)
         row = s.get(Job, job["id"])
@@ -77,15 +91,37 @@ def _acme_world(api: Api, address: str) -> dict[str, str]:
         headers=api.headers(),
     )
     assert upload.status_code == 200, upload.text
+    tuning = api.client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": SECRET_MODEL, "training_file": upload.json()["id"]},
+        headers=api.headers(),
+    )
+    assert tuning.status_code == 200, tuning.text
+    batch_file = api.client.post(
+        "/v1/files",
+        files={"file": ("acme-batch.jsonl", SECRET_BATCH_LINE)},
+        data={"purpose": "batch"},
+        headers=api.headers(),
+    )
+    body = {**BODIES[("POST", "/v1/batches")], "input_file_id": batch_file.json()["id"]}
+    batch = api.client.post("/v1/batches", json=body, headers=api.headers())
+    assert batch.status_code == 200, batch.text
     return {
         "job_id": job["id"],
         "deployment_id": dep.id,
         "task_name": "x",
         "file_id": upload.json()["id"],
+        "fine_tuning_job_id": tuning.json()["id"],
+        "batch_id": batch.json()["id"],
     }
 
 
-def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> None:
+def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(
+    api: Api, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from deepflow.engine.testmodel import make_test_model
+
+    model = make_test_model(tmp_path_factory.mktemp("secret") / "model", "llama", "tiny")
     hits: list[str] = []
 
     async def instance(request: Request) -> JSONResponse:
@@ -99,9 +135,10 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
         ]
     )
     with serve(stub) as address:
-        ids = _acme_world(api, address)
+        ids = _acme_world(api, address, model)
         secrets = [ids["job_id"], ids["deployment_id"], SECRET_MODEL, "acme's secret log line"]
         secrets += [ids["file_id"], SECRET_FILE, "acme secret"]
+        secrets += [ids["fine_tuning_job_id"], ids["batch_id"], str(model)]
         # acme itself can route to its model: the stub answers
         body = BODIES[("POST", "/v1/chat/completions")]
         assert (
@@ -135,6 +172,8 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
                     assert r.status_code == 404, where
                 elif path == "/v1/files":  # a JSON body, not the multipart upload
                     assert r.status_code == 400, where
+                elif path in ("/v1/fine_tuning/jobs", "/v1/batches"):  # no such model or file
+                    assert r.status_code in (400, 404), where
                 else:
                     assert path == "/v1/jobs" and r.status_code == 201, where
                 asked = url + str(BODIES.get((method, path)))  # what an error may echo
@@ -150,7 +189,14 @@ def test_another_tenant_reaches_nothing_of_a_tenant_by_any_route(api: Api) -> No
     dep = api.client.get(f"/v1/deployments/{ids['deployment_id']}", headers=api.headers()).json()
     assert dep["replicas"] == 1 and dep["state"] not in ("deleting", "deleted")
     jobs = api.client.get("/v1/jobs", headers=api.headers()).json()["data"]
-    assert [j["id"] for j in jobs] == [ids["job_id"]]  # globex's job is globex's alone
+    # acme's three (its DAG, fine-tuning and batch jobs); globex's job is globex's alone
+    assert sorted(j["kind"] for j in jobs) == ["batch", "dag", "finetune"]
+    assert {ids["job_id"], ids["fine_tuning_job_id"]} <= {j["id"] for j in jobs}
+    tuning_id = ids["fine_tuning_job_id"]
+    tuning = api.client.get(f"/v1/fine_tuning/jobs/{tuning_id}", headers=api.headers())
+    assert tuning.json()["status"] == "validating_files"
+    batch = api.client.get(f"/v1/batches/{ids['batch_id']}", headers=api.headers())
+    assert batch.json()["status"] not in ("cancelling", "cancelled")
     content = api.client.get(f"/v1/files/{ids['file_id']}/content", headers=api.headers())
     assert content.content == SECRET_LINE
 

@@ -310,36 +310,36 @@ def list_fine_tuning_jobs(
     return FineTuningJobList(data=jobs, has_more=page.has_more)
 
 
-@router.get("/{job_id}", response_model=FineTuningJob)
-def read_fine_tuning_job(job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
-    return _read(db, tenant.id, job_id)
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
+def read_fine_tuning_job(fine_tuning_job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
+    return _read(db, tenant.id, fine_tuning_job_id)
 
 
-@router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_fine_tuning_job(job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+def cancel_fine_tuning_job(fine_tuning_job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
     """Stop it: the running task's process is ended and the job is ``cancelled``."""
     with db.transaction() as session:
-        _job(session, tenant.id, job_id)
-        store.cancel_job(session, tenant.id, job_id, reason="cancelled by user")
-    return _read(db, tenant.id, job_id)
+        _job(session, tenant.id, fine_tuning_job_id)
+        store.cancel_job(session, tenant.id, fine_tuning_job_id, reason="cancelled by user")
+    return _read(db, tenant.id, fine_tuning_job_id)
 
 
-@router.post("/{job_id}/pause", response_model=FineTuningJob)
-def pause_fine_tuning_job(job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_fine_tuning_job(fine_tuning_job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
     """Training stops after its current step, at a checkpoint, until resumed. The paused
     attempt keeps its worker (and the weights in memory), as a paused process would."""
     with db.transaction() as session:
-        _job(session, tenant.id, job_id)
-        runs.set_paused(session, tenant.id, job_id, True)
-    return _read(db, tenant.id, job_id)
+        _job(session, tenant.id, fine_tuning_job_id)
+        runs.set_paused(session, tenant.id, fine_tuning_job_id, True)
+    return _read(db, tenant.id, fine_tuning_job_id)
 
 
-@router.post("/{job_id}/resume", response_model=FineTuningJob)
-def resume_fine_tuning_job(job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_fine_tuning_job(fine_tuning_job_id: str, tenant: CurrentTenant, db: DB) -> FineTuningJob:
     with db.transaction() as session:
-        _job(session, tenant.id, job_id)
-        runs.set_paused(session, tenant.id, job_id, False)
-    return _read(db, tenant.id, job_id)
+        _job(session, tenant.id, fine_tuning_job_id)
+        runs.set_paused(session, tenant.id, fine_tuning_job_id, False)
+    return _read(db, tenant.id, fine_tuning_job_id)
 
 
 def _events(session: Session, job: Job) -> list[FineTuningEvent]:
@@ -390,9 +390,9 @@ def _events(session: Session, job: Job) -> list[FineTuningEvent]:
     return [event for _, event in out]
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{fine_tuning_job_id}/events", response_model=EventList)
 def list_fine_tuning_events(
-    job_id: str,
+    fine_tuning_job_id: str,
     tenant: CurrentTenant,
     db: DB,
     after: str | None = None,
@@ -400,16 +400,17 @@ def list_fine_tuning_events(
 ) -> EventList:
     """Newest first, as OpenAI's; page with ``after`` = the last event id seen."""
     with db.transaction() as session:
-        events = list(reversed(_events(session, _job(session, tenant.id, job_id))))
+        job = _job(session, tenant.id, fine_tuning_job_id)
+        events = list(reversed(_events(session, job)))
     if after is not None:
         ids = [e.id for e in events]
         events = events[ids.index(after) + 1 :] if after in ids else []
     return EventList(data=events[:limit], has_more=len(events) > limit)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
 def list_fine_tuning_checkpoints(
-    job_id: str,
+    fine_tuning_job_id: str,
     tenant: CurrentTenant,
     db: DB,
     after: str | None = None,
@@ -417,7 +418,7 @@ def list_fine_tuning_checkpoints(
 ) -> CheckpointList:
     """Newest first; each names the model its weights would register as, at that step."""
     with db.transaction() as session:
-        job = _job(session, tenant.id, job_id)
+        job = _job(session, tenant.id, fine_tuning_job_id)
         name = fine_tuned_name(job.spec, job.id)
         rows = list(reversed(runs.checkpoints(session, job.id)))
     if after is not None:
@@ -428,7 +429,7 @@ def list_fine_tuning_checkpoints(
             id=c.id,
             created_at=_unix(c.created_at) or 0,
             fine_tuned_model_checkpoint=f"{name}:ckpt-step-{c.step}",
-            fine_tuning_job_id=job_id,
+            fine_tuning_job_id=job.id,
             metrics=CheckpointMetrics(
                 step=c.step, train_loss=c.train_loss, valid_loss=c.valid_loss
             ),
