@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--attention",
         default="auto",
-        help="our side's attention: auto (flex on CUDA, SDPA elsewhere), sdpa, flex_attention; "
+        help="our side's attention: auto (train.attention_for), sdpa, flex_attention; "
         "comma-separated to run each",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/deepflow-bench-finetune"))

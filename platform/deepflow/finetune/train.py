@@ -58,9 +58,13 @@ class Plan:
 
 
 def attention_for(device: str) -> str:
-    """On CUDA, flex attention: it skips the blocks a packed row's block-diagonal mask rules
-    out, where SDPA with that mask computes (and masks) the whole square. Elsewhere SDPA."""
-    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+    """SDPA everywhere: the path measured on the H100 (BENCHMARKS, "Fine-tuning throughput").
+    With a packed row's block-diagonal mask it computes and masks the whole square; flex
+    attention (``Plan.attention="flex_attention"``) skips the ruled-out blocks and is the
+    candidate on CUDA, to be made the default there once ``bench/finetune.py --attention
+    flex_attention,sdpa`` shows it faster."""
+    del device
+    return "sdpa"
 
 
 def load_model(
