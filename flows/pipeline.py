@@ -10,6 +10,7 @@ our store like any flow run started from Prefect (``flows.jobs``).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect import flow
@@ -45,3 +46,14 @@ async def schedule_pipeline(
         description=f"post-training pipeline of {spec['model']} for {tenant}",
     )
     return str(await deployment.aapply())
+
+
+def schedule_on(api_url: str, name: str, cron: str, spec: dict[str, Any], tenant: str) -> str:
+    """``schedule_pipeline`` in our work pool on the Prefect server at ``api_url`` (the CLI's
+    ``deepflow pipelines schedule``)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deepflow.flows.worker import WORK_POOL
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return asyncio.run(schedule_pipeline(name, cron, spec, tenant, WORK_POOL))

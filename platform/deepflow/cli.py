@@ -81,13 +81,9 @@ def _models_import(args: argparse.Namespace) -> int:
 
 
 def _pipelines_schedule(args: argparse.Namespace) -> int:
-    import asyncio
     import os
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from deepflow.flows.pipeline import schedule_pipeline
-    from deepflow.flows.worker import WORK_POOL
+    from deepflow.flows.pipeline import schedule_on
     from deepflow.job_commands import read_spec
 
     url = Settings.from_env().prefect_api_url or os.environ.get("PREFECT_API_URL")
@@ -97,8 +93,7 @@ def _pipelines_schedule(args: argparse.Namespace) -> int:
             "Prefect API, e.g. http://127.0.0.1:4200/api)"
         )
     spec = read_spec(args.spec, "pipeline")["spec"]
-    with temporary_settings({PREFECT_API_URL: url}):
-        made = asyncio.run(schedule_pipeline(args.name, args.cron, spec, args.tenant, WORK_POOL))
+    made = schedule_on(url, args.name, args.cron, spec, args.tenant)
     print(f"pipeline deepflow-pipeline/{args.name} ({made}) runs on '{args.cron}' (UTC)")
     return 0
 
