@@ -189,8 +189,8 @@ def test_a_pipeline_promotes_nothing_that_is_not_better(
     trained: float | None, served: float
 ) -> None:
     """Equal or worse held-out loss (or none): no version, no rollout, and no store read."""
-    from deepflow.finetune.operators import promote
+    from deepflow.finetune.operators import BODIES
 
     scores = {"base_valid_loss": served, "valid_loss": trained}
     args = {"job": {"model": "m"}, "context": {"upstream": {"evaluate": scores}}}
-    assert promote(args) == {**scores, "promoted": False}
+    assert BODIES["promote"](args) == {**scores, "promoted": False}

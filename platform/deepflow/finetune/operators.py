@@ -10,8 +10,12 @@ torch and transformers are imported only inside the operators that train or scor
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -207,7 +211,7 @@ class _StoreProgress:
             return runs.is_paused(session, self.job_id)
 
 
-def train(args: dict[str, Any]) -> dict[str, Any]:
+def _train(args: dict[str, Any]) -> dict[str, Any]:
     """Train to the last step, from the job's last checkpoint if an earlier attempt died."""
     from deepflow.finetune.train import train as run_training
 
@@ -282,7 +286,7 @@ def _samples(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]
     return out
 
 
-def evaluate(args: dict[str, Any]) -> dict[str, Any]:
+def _evaluate(args: dict[str, Any]) -> dict[str, Any]:
     """Held-out loss of the base model and of the trained one, and a few greedy answers."""
     from deepflow.finetune.train import load_model, mean_loss
 
@@ -330,7 +334,7 @@ def save_merged(spec: dict[str, Any], base: str, checkpoint: Path, folder: Path)
     partial.rename(folder)
 
 
-def register_model(args: dict[str, Any]) -> dict[str, Any]:
+def _register_model(args: dict[str, Any]) -> dict[str, Any]:
     """A new version of ``ft:<base>:<suffix>`` with its lineage: base, data, job, metrics."""
     spec, context = args["job"], args["context"]
     job_id, tenant_id = context["job_id"], context["tenant_id"]
@@ -393,7 +397,7 @@ def deploy(args: dict[str, Any]) -> dict[str, Any]:
     return {"deployment_id": deployment_id, "model": registered["model"]}
 
 
-def promote(args: dict[str, Any]) -> dict[str, Any]:
+def _promote(args: dict[str, Any]) -> dict[str, Any]:
     """A pipeline's decision: the new weights become the model's next version, and its
     deployment is moved to them (a rolling update), only when their held-out loss is lower
     than the version they were trained from (the one served)."""
@@ -465,6 +469,50 @@ def redeploy(args: dict[str, Any]) -> dict[str, Any]:
             if ready and len(current) == len(live):
                 return {"rolled_out": True, "instances": [i.id for i in ready]}
         time.sleep(REDEPLOY_POLL_S)
+
+
+BODIES = {"train": _train, "evaluate": _evaluate, "register_model": _register_model,
+          "promote": _promote}  # fmt: skip
+"""The operators that run torch, by name: each runs in a new interpreter (``in_new_process``)."""
+
+
+def in_new_process(name: str, args: dict[str, Any]) -> Any:
+    """Run ``BODIES[name]`` in a new Python process (``deepflow.finetune.fresh``) and return
+    its output. Why: an attempt process is forked from a Celery pool process that has threads
+    (Prefect's clients among them), and twice in CI a training attempt forked so stalled for
+    good before loading its model, its lease still renewed; a new interpreter inherits no
+    lock. Its output goes to the attempt's log; a stop of the attempt's process group stops
+    it too. Costs a few seconds of imports, against minutes of training."""
+    with tempfile.TemporaryDirectory(prefix="deepflow-finetune-") as tmp:
+        request, result = Path(tmp) / "args.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps(args))
+        argv = [sys.executable, "-m", "deepflow.finetune.fresh", name, str(request), str(result)]
+        code = subprocess.call(argv)
+        outcome = json.loads(result.read_text()) if result.is_file() else {}
+    if "output" in outcome:
+        return outcome["output"]
+    raise OperatorFailed(outcome.get("error") or f"finetune.{name} exited with status {code}")
+
+
+def train(args: dict[str, Any]) -> dict[str, Any]:
+    """Train to the last step, from the job's last checkpoint if an earlier attempt died."""
+    return in_new_process("train", args)  # type: ignore[no-any-return]
+
+
+def evaluate(args: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss of the base model and of the trained one, and a few greedy answers."""
+    return in_new_process("evaluate", args)  # type: ignore[no-any-return]
+
+
+def register_model(args: dict[str, Any]) -> dict[str, Any]:
+    """A new version of ``ft:<base>:<suffix>`` with its lineage: base, data, job, metrics."""
+    return in_new_process("register_model", args)  # type: ignore[no-any-return]
+
+
+def promote(args: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline's decision: promote the new weights only when their held-out loss is lower
+    than the served version's (see ``_promote``)."""
+    return in_new_process("promote", args)  # type: ignore[no-any-return]
 
 
 OPERATORS = tuple(
