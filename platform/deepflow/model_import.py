@@ -50,6 +50,15 @@ def default_name(source: Path) -> str:
     return source.name.split(".")[0].lower()
 
 
+def version_folder(settings: Settings, name: str) -> Path:
+    """A new, not yet existing folder for a version of model ``name``:
+    ``DEEPFLOW_HOME/models/<name>/<random>`` (a ``:`` of a fine-tuned name made ``_``); its
+    parent exists."""
+    folder = settings.ensure_home() / "models" / name.replace(":", "_") / uuid.uuid4().hex[:12]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def import_model(
     settings: Settings, source: Path, name: str, tenant: str, dtype: str = "float32"
 ) -> Imported:
@@ -57,7 +66,7 @@ def import_model(
 
     if not source.is_file():
         raise FileNotFoundError(f"{source} is not a file")
-    folder = settings.ensure_home() / "models" / name / uuid.uuid4().hex[:12]
+    folder = version_folder(settings, name)
     import_gguf(source, folder, dtype)
     db = get_database(settings.database_url)
     details = {"source": str(source), "format": "gguf", "dtype": dtype}

@@ -345,11 +345,9 @@ def resume_fine_tuning_job(fine_tuning_job_id: str, tenant: CurrentTenant, db: D
 def _events(session: Session, job: Job) -> list[FineTuningEvent]:
     """Oldest first: the job's and its tasks' state changes, each step's loss, checkpoints."""
     out = []
+    names = {t.id: f"task {t.name}" for t in job.tasks}
     for e in store.read_job_events(session, job.tenant_id, job.id, limit=100_000):
-        what = "job" if e.entity_type == "job" else f"{e.entity_type} {e.entity_id}"
-        names = {t.id: t.name for t in job.tasks}
-        if e.entity_id in names:
-            what = f"task {names[e.entity_id]}"
+        what = "job" if e.entity_type == "job" else names.get(e.entity_id, e.entity_type)
         level: Literal["info", "warn", "error"] = "error" if e.to_state == "failed" else "info"
         message = f"{what} {e.to_state}" + (f": {e.reason}" if e.reason else "")
         out.append(

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from deepflow.config import Settings
 from deepflow.dag.operators import Operator, OperatorFailed
 from deepflow.dag.spec import ResourceClass
 from deepflow.finetune import data
+from deepflow.model_import import version_folder
 from deepflow.store import (
     Database,
     ModelVersionState,
@@ -341,9 +341,7 @@ def _register_model(args: dict[str, Any]) -> dict[str, Any]:
     checked, scores = _validated(args), context["upstream"]["evaluate"]
     base = checked["base"]["uri"]
     name = fine_tuned_name(spec, job_id)
-    folder = Settings.from_env().ensure_home() / "models" / name.replace(":", "_")
-    folder = folder / uuid.uuid4().hex[:12]
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = version_folder(Settings.from_env(), name)
     with _db().transaction() as session:
         checkpoint = runs.latest_checkpoint(session, job_id)
         assert checkpoint is not None
@@ -412,8 +410,7 @@ def _promote(args: dict[str, Any]) -> dict[str, Any]:
         return {**decision, "promoted": False}
     checked = _validated(args)
     decision["base"] = checked["base"]
-    folder = Settings.from_env().ensure_home() / "models" / spec["model"] / uuid.uuid4().hex[:12]
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = version_folder(Settings.from_env(), spec["model"])
     with _db().transaction() as session:
         checkpoint = runs.latest_checkpoint(session, context["job_id"])
         assert checkpoint is not None
